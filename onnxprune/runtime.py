@@ -1,0 +1,157 @@
+"""ONNX Runtime sessions: providers, input signatures, synthetic feeds, full traces."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from onnxprune.errors import OnnxpruneError
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, element type and dims (int, or str for a named dynamic dim)."""
+
+    name: str
+    dtype: type
+    dims: tuple[int | str, ...]
+
+    def concrete(self, overrides: Mapping[str, tuple[int, ...]] | None = None,
+                 dynamic: int = 1) -> tuple[int, ...]:
+        if overrides and self.name in overrides:
+            shape = tuple(overrides[self.name])
+            if len(shape) != len(self.dims):
+                raise OnnxpruneError(
+                    f"--shape {self.name}: {len(shape)} dims given, the model declares "
+                    f"{len(self.dims)} {self.dims}")
+            for got, want in zip(shape, self.dims):
+                if isinstance(want, int) and want != got:
+                    raise OnnxpruneError(
+                        f"--shape {self.name}: {shape} conflicts with the static shape {self.dims}")
+            return shape
+        return tuple(d if isinstance(d, int) else dynamic for d in self.dims)
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(not isinstance(d, int) for d in self.dims)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs by old exporters are skipped)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        ttype = vi.type.tensor_type
+        dims: list[int | str] = []
+        for i, d in enumerate(ttype.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                dims.append(d.dim_param or f"{vi.name}_dim{i}")
+        specs.append(InputSpec(vi.name, _NP_TYPES.get(ttype.elem_type, np.float32), tuple(dims)))
+    return specs
+
+
+def synthetic_feeds(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None,
+                    *, seed: int = 0, dynamic: int = 1) -> dict[str, np.ndarray]:
+    """Random inputs matching the signature: normal floats; zeros for ids, ones for masks."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = spec.concrete(shapes, dynamic)
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feeds[spec.name] = np.ones(shape, dtype=np.bool_)
+        else:
+            fill = 1 if "mask" in spec.name.lower() else 0
+            feeds[spec.name] = np.full(shape, fill, dtype=spec.dtype)
+    return feeds
+
+
+def available_providers() -> list[str]:
+    """CUDA first when onnxruntime-gpu offers it, CPU always."""
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
+                 providers: list[str] | None = None) -> ort.InferenceSession:
+    """An inference session over an in-memory model (via a temp file when over 2 GiB)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        if model.ByteSize() < 1_800_000_000:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(path, opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises several exception types
+        raise OnnxpruneError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from exc
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
+        outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    names = outputs or [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, dict(feeds))
+    except Exception as exc:
+        raise OnnxpruneError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+    return dict(zip(names, values))
+
+
+def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every intermediate tensor of one run, keyed by name (no graph optimisation).
+
+    The structure analysis reads concrete shapes and the values of shape tensors from it.
+    """
+    typed = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    elem_types = {vi.name: vi.type.tensor_type.elem_type
+                  for vi in [*typed.graph.value_info, *typed.graph.output, *typed.graph.input]}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in existing and elem_types.get(name):
+                probe.graph.output.append(
+                    helper.make_tensor_value_info(name, elem_types[name], None))
+                existing.add(name)
+    session = make_session(probe, optimize=False)
+    values = run(session, feeds)
+    values.update(feeds)
+    for init in model.graph.initializer:
+        values.setdefault(init.name, onnx.numpy_helper.to_array(init))
+    return values
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""Finding prunable structure in an ONNX graph: coupled axes, blocks, costs."""

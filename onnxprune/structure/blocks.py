@@ -1,0 +1,406 @@
+"""Attention and feed-forward blocks: anchors found by small patterns, everything else by the
+coupled-axis engine (axes.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.errors import NotPrunableError
+from onnxprune.structure.axes import Flow, LabelPropagator, column_labels
+from onnxprune.structure.cost import const_size, node_flops
+from onnxprune.structure.graph import ELEMENTWISE, LAYOUT, NONLINEAR, GraphView
+
+_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Dropout"})
+_OUTPUT_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze",
+                         "Unsqueeze", "Identity", "Dropout", "Cast", "Flatten"})
+
+
+@dataclass
+class Block:
+    """What every prunable block has: a name, its seeds (projections whose output columns
+    are labelled), the label flow, and whether it can be removed whole."""
+
+    name: str
+    kind: str
+    anchor: str
+    seeds: dict[str, int]                       # projection node -> label base
+    flow: Flow | None
+    module_output: str | None = None            # tensor entering the residual add
+    residual_add: str | None = None             # node name of that add
+    removable: bool = False
+    reason: str = ""
+    prunable: bool = True                       # sub-units (heads, channels) can be cut
+    params: int = 0
+    flops: int = 0
+    nodes: set[str] = field(default_factory=set)
+
+    def label_of(self, node: str, col: int) -> int:
+        return self.seeds[node] + col
+
+
+@dataclass
+class AttentionBlock(Block):
+    heads: int = 0
+    qk_dim: int = 0
+    vo_dim: int = 0
+    q_proj: str = ""
+    k_proj: str = ""
+    v_proj: str = ""
+    o_proj: str = ""
+    q_labels: np.ndarray | None = None          # [H, qk_dim] label ids
+    k_labels: np.ndarray | None = None
+    v_labels: np.ndarray | None = None
+    tokens: dict[int, int] = field(default_factory=dict)   # head token -> head index
+    channel_prunable: bool = True
+    channel_reason: str = ""
+
+
+@dataclass
+class FfnBlock(Block):
+    channels: int = 0
+    activation: str = ""
+    gated: bool = False
+    up_projs: list[str] = field(default_factory=list)
+    down_proj: str = ""
+    up_labels: np.ndarray | None = None         # [n_up, F] label ids, column c of each up
+
+
+@dataclass
+class Structure:
+    blocks: list[Block]
+    params: int
+    flops: int
+    input_shapes: dict[str, tuple[int, ...]]
+
+    def block(self, name: str) -> Block:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    @property
+    def attention(self) -> list[AttentionBlock]:
+        return [b for b in self.blocks if isinstance(b, AttentionBlock)]
+
+    @property
+    def ffn(self) -> list[FfnBlock]:
+        return [b for b in self.blocks if isinstance(b, FfnBlock)]
+
+
+class BlockFinder:
+    def __init__(self, view: GraphView, trace: dict[str, np.ndarray]):
+        self.view = view
+        self.trace = trace
+        self.propagator = LabelPropagator(view, trace)
+        self._next_base = 0
+
+    # -- shared helpers -------------------------------------------------------------------
+    def _bases(self, nodes: list[str]) -> dict[str, int]:
+        seeds = {}
+        for name in nodes:
+            seeds[name] = self._next_base
+            self._next_base += self._cols(name)
+        return seeds
+
+    def _cols(self, node: str) -> int:
+        return int(np.shape(self.trace[self.view.node[node].outputs[0].name])[-1])
+
+    def _propagate(self, seeds: dict[str, int]) -> Flow:
+        labels = {}
+        for name, base in seeds.items():
+            out = self.view.node[name].outputs[0].name
+            labels[out] = column_labels(np.shape(self.trace[out]), base)
+        return self.propagator.propagate(labels)
+
+    def projection_above(self, tensor: gs.Tensor, limit: int = 40) -> set[str]:
+        """Projections (MatMul/Gemm with a constant weight) feeding ``tensor`` through layout
+        and elementwise ops only."""
+        found: set[str] = set()
+        stack, seen = [tensor.name], set()
+        while stack and len(seen) < limit:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            prod = self.view.producer.get(name)
+            if prod is None:
+                continue
+            if self.view.is_projection(prod):
+                found.add(prod.name)
+            elif prod.op in LAYOUT:
+                stack.append(prod.inputs[0].name)
+            elif prod.op in ELEMENTWISE:
+                stack.extend(t.name for t in self.view.data_inputs(prod))
+        return found
+
+    def residual_of(self, block: Block, start: str, inputs: list[str]) -> None:
+        """Walk from the block's last projection to the residual add, if there is one."""
+        tensor = self.view.node[start].outputs[0].name
+        for _ in range(12):
+            users = [u for u in self.view.consumers.get(tensor, []) if u.op != "Shape"]
+            if len(users) != 1 or tensor in self.view.output_names:
+                block.reason = "its output has several users, so it cannot be removed whole"
+                return
+            node = users[0]
+            others = [t for t in self.view.data_inputs(node) if t.name != tensor] \
+                if node.op in ELEMENTWISE else []
+            if node.op == "Add" and others:
+                residual = others[0].name
+                upstream = set().union(*(self.view.ancestors(i) for i in inputs))
+                if residual in upstream:
+                    block.module_output, block.residual_add = tensor, node.name
+                    block.removable = True
+                else:
+                    block.reason = "the add after it is not a residual connection"
+                return
+            if node.op not in _OUTPUT_OPS or others:
+                block.reason = f"no residual add after it ({node.op} node {node.name})"
+                return
+            tensor = node.outputs[0].name
+        block.reason = "no residual add found after it"
+
+    def _cost(self, block: Block, extra_nodes: list[str]) -> None:
+        flow = block.flow
+        names = set(block.seeds) | set(extra_nodes)
+        if flow is not None:
+            names |= {s.node for s in flow.sinks} | {c.node for c in flow.contractions}
+        block.nodes = names | (set(flow.nodes) if flow else set())
+        params = 0
+        for name in names:
+            node = self.view.node[name]
+            params += sum(const_size(self.view, t) for t in node.inputs[1:])
+        if flow is not None:
+            for op in flow.operands:
+                t = self.view.node[op.node].inputs[op.index]
+                params += const_size(self.view, t) if self.view.const(t) is not None and \
+                    np.issubdtype(self.view.const(t).dtype, np.floating) and \
+                    self.view.const(t).size > 1 else 0
+            for sink in flow.sinks:
+                params += self._bias_after(sink.node)
+        block.params = params
+        block.flops = sum(node_flops(self.view, self.view.node[n], self.trace) for n in names)
+
+    def _bias_after(self, node: str) -> int:
+        out = self.view.node[node].outputs[0].name
+        users = self.view.consumers.get(out, [])
+        if len(users) == 1 and users[0].op == "Add":
+            return sum(const_size(self.view, t) for t in users[0].inputs
+                       if self.view.const(t) is not None)
+        return 0
+
+    # -- attention ------------------------------------------------------------------------
+    def attention(self, softmax: gs.Node) -> AttentionBlock | None:
+        qk = self._walk_back_matmul(softmax.inputs[0])
+        av = self._walk_forward_matmul(softmax.outputs[0].name)
+        if qk is None or av is None:
+            return None
+        q_src = self.projection_above(qk.inputs[0])
+        k_src = self.projection_above(qk.inputs[1])
+        v_src = self.projection_above(av.inputs[1])
+        block = AttentionBlock("", "attention", softmax.name, {}, None)
+        if len(q_src) != 1 or len(k_src) != 1 or len(v_src) != 1:
+            block.prunable, block.reason = False, "query/key/value projections not found"
+            return block
+        block.q_proj, block.k_proj, block.v_proj = next(iter(q_src)), next(iter(k_src)), \
+            next(iter(v_src))
+        block.seeds = self._bases(sorted({block.q_proj, block.k_proj, block.v_proj},
+                                         key=self.view.order.get))
+        try:
+            block.flow = self._propagate(block.seeds)
+            self._attention_heads(block, qk.name, av.name)
+        except NotPrunableError as exc:
+            block.prunable, block.reason, block.flow = False, str(exc), None
+            self._cost(block, [qk.name, av.name])
+            return block
+        inputs = [self.view.node[p].inputs[0].name for p in block.seeds]
+        self.residual_of(block, block.o_proj, inputs)
+        self._cost(block, [])
+        return block
+
+    def _walk_back_matmul(self, tensor: gs.Tensor) -> gs.Node | None:
+        stack, seen = [tensor.name], set()
+        while stack and len(seen) < 16:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            prod = self.view.producer.get(name)
+            if prod is None:
+                continue
+            if prod.op == "MatMul" and len(self.view.data_inputs(prod)) == 2:
+                return prod
+            if prod.op in _SCORE_OPS:
+                stack.extend(t.name for t in self.view.data_inputs(prod))
+        return None
+
+    def _walk_forward_matmul(self, tensor: str) -> gs.Node | None:
+        for _ in range(6):
+            users = self.view.consumers.get(tensor, [])
+            for user in users:
+                if user.op == "MatMul" and user.inputs[0].name == tensor \
+                        and len(self.view.data_inputs(user)) == 2:
+                    return user
+            passing = [u for u in users if u.op in _SCORE_OPS]
+            if len(passing) != 1:
+                return None
+            tensor = passing[0].outputs[0].name
+        return None
+
+    def _attention_heads(self, block: AttentionBlock, qk: str, av: str) -> None:
+        flow = block.flow
+        channel = [c for c in flow.contractions if c.kind == "channel"]
+        mix = [c for c in flow.contractions if c.kind == "mix"]
+        if [c.node for c in channel] != [qk] or [c.node for c in mix] != [av]:
+            raise NotPrunableError("attention heads interact with another matmul")
+        if len(flow.sinks) != 1:
+            raise NotPrunableError(f"{len(flow.sinks)} output projections found, expected 1")
+        block.o_proj = flow.sinks[0].node
+        ch, mx = channel[0], mix[0]
+        q_rows = {tuple(r): None for r in ch.left}
+        order = sorted(q_rows, key=min)
+        head_of_row = {row: h for h, row in enumerate(order)}
+        k_of: dict[int, tuple[int, ...]] = {}
+        for row, krow in zip(map(tuple, ch.left), map(tuple, ch.right)):
+            if k_of.setdefault(head_of_row[row], krow) != krow:
+                raise NotPrunableError("a query head meets several key heads")
+        block.tokens = {ch.token_of[row]: h for row, h in head_of_row.items()}
+        v_of: dict[int, tuple[int, ...]] = {}
+        for token, vrow in zip(mx.left, map(tuple, mx.right)):
+            if int(token) not in block.tokens:
+                raise NotPrunableError("attention weights of unknown origin reach A·V")
+            if v_of.setdefault(block.tokens[int(token)], vrow) != vrow:
+                raise NotPrunableError("a head meets several value heads")
+        heads = len(order)
+        block.q_labels = np.array(order, np.int64)
+        block.k_labels = np.array([k_of[h] for h in range(heads)], np.int64)
+        block.v_labels = np.array([v_of[h] for h in range(heads)], np.int64)
+        block.heads, block.qk_dim, block.vo_dim = heads, block.q_labels.shape[1], \
+            block.v_labels.shape[1]
+        self._check_coverage(block)
+        self._check_rows(block)
+
+    def _check_coverage(self, block: AttentionBlock) -> None:
+        used = np.concatenate([block.q_labels.ravel(), block.k_labels.ravel(),
+                               block.v_labels.ravel()])
+        if len(np.unique(used)) != used.size:
+            block.prunable = False
+            block.reason = "heads share key/value columns (grouped-query attention)"
+            return
+        total = sum(self._cols(n) for n in block.seeds)
+        if used.size != total:
+            raise NotPrunableError("some projection columns never reach the attention")
+        for labels in (block.q_labels, block.k_labels, block.v_labels):
+            flat = labels.ravel()
+            if not (np.all(np.diff(flat) == 1)):
+                block.channel_prunable = False
+                block.channel_reason = "projection columns are not head-major"
+
+    def _check_rows(self, block: AttentionBlock) -> None:
+        rows = block.flow.sinks[0].rows
+        if np.any(rows < 0) or not np.isin(rows, block.v_labels).all():
+            raise NotPrunableError("output projection reads features that are not values")
+
+    # -- feed-forward ---------------------------------------------------------------------
+    def ffn(self, down: gs.Node, claimed: set[str]) -> FfnBlock | None:
+        ups, ops = self._elementwise_sources(down.inputs[0])
+        if ups is None or not ups or len(ups) > 2 or ups & claimed:
+            return None
+        if not ops & NONLINEAR:
+            return None
+        upstream = {self.view.node[u].inputs[0].name for u in ups}
+        if len(upstream) != 1:
+            return None
+        order = sorted(ups, key=self.view.order.get)
+        block = FfnBlock("", "ffn", down.name, self._bases(order), None)
+        block.up_projs, block.down_proj = order, down.name
+        block.gated = len(order) == 2
+        block.activation = _activation_name(ops, block.gated)
+        try:
+            block.flow = self._propagate(block.seeds)
+            self._ffn_channels(block)
+        except NotPrunableError as exc:
+            block.prunable, block.reason, block.flow = False, str(exc), None
+            return block
+        self.residual_of(block, down.name, list(upstream))
+        self._cost(block, [])
+        return block
+
+    def _elementwise_sources(self, tensor: gs.Tensor) -> tuple[set[str] | None, set[str]]:
+        ups: set[str] = set()
+        ops: set[str] = set()
+        stack, seen = [tensor.name], set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            prod = self.view.producer.get(name)
+            if prod is None:
+                return None, ops
+            if self.view.is_projection(prod):
+                ups.add(prod.name)
+            elif prod.op in ELEMENTWISE and len(seen) < 64:
+                ops.add(prod.op)
+                stack.extend(t.name for t in self.view.data_inputs(prod))
+            else:
+                return None, ops
+        return ups, ops
+
+    def _ffn_channels(self, block: FfnBlock) -> None:
+        flow = block.flow
+        if flow.contractions or [s.node for s in flow.sinks] != [block.down_proj]:
+            raise NotPrunableError("feed-forward channels reach more than the down projection")
+        width = self._cols(block.up_projs[0])
+        labels = np.stack([block.seeds[u] + np.arange(width) for u in block.up_projs])
+        if block.gated:
+            if self._cols(block.up_projs[1]) != width:
+                raise NotPrunableError("gate and up projections differ in width")
+            roots = np.array([[flow.uf.find(int(x)) for x in row] for row in labels])
+            if np.any(roots[0] != roots[1]):
+                raise NotPrunableError("gate and up channels do not pair one to one")
+        rows = flow.sinks[0].rows
+        roots = {flow.uf.find(int(x)) for x in labels[0]}
+        if np.any(rows < 0) or {flow.uf.find(int(r)) for r in rows} != roots:
+            raise NotPrunableError("down projection rows do not match the channels")
+        block.up_labels = labels
+        block.channels = width
+
+
+def _activation_name(ops: set[str], gated: bool) -> str:
+    if "Gelu" in ops or "FastGelu" in ops:
+        name = "gelu"
+    elif "Erf" in ops:
+        name = "gelu(erf)"
+    elif "Tanh" in ops:
+        name = "gelu(tanh)"
+    elif "Relu" in ops:
+        name = "relu"
+    elif "Sigmoid" in ops:
+        name = "silu" if "Mul" in ops else "sigmoid"
+    else:
+        name = "/".join(sorted(ops & NONLINEAR)).lower()
+    return f"{name}-gated" if gated else name
+
+
+def find_blocks(view: GraphView, trace: dict[str, np.ndarray]) -> list[Block]:
+    """All attention blocks, then feed-forward blocks among the remaining projections,
+    numbered in topological order."""
+    finder = BlockFinder(view, trace)
+    attention = [b for n in view.nodes if n.op == "Softmax"
+                 if (b := finder.attention(n)) is not None]
+    claimed = set().union(*(b.nodes for b in attention)) if attention else set()
+    ffn = []
+    for node in view.nodes:
+        if view.is_projection(node) and node.name not in claimed:
+            block = finder.ffn(node, claimed)
+            if block is not None:
+                ffn.append(block)
+                claimed |= block.nodes
+    for kind, blocks in (("attn", attention), ("ffn", ffn)):
+        blocks.sort(key=lambda b: view.order[b.anchor])
+        for i, block in enumerate(blocks):
+            block.name = f"{kind}{i}"
+    return sorted(attention + ffn, key=lambda b: view.order[b.anchor])

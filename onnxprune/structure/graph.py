@@ -1,0 +1,118 @@
+"""A read-mostly view over an onnx-graphsurgeon graph with the lookups the analysis needs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+# Ops that map each element to one element at the same position (broadcasting allowed).
+ELEMENTWISE = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Neg", "Abs", "Sqrt", "Exp",
+    "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Gelu", "FastGelu",
+    "HardSigmoid", "HardSwish", "Softplus", "Mish", "Clip", "Cast", "Identity", "Dropout",
+    "Reciprocal", "Sin", "Cos", "Equal", "Not", "IsNaN", "CastLike",
+})
+NONLINEAR = frozenset({
+    "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Gelu", "FastGelu",
+    "HardSigmoid", "HardSwish", "Softplus", "Mish", "Clip", "Max",
+})
+# Ops that only move elements around; the label engine executes them on label arrays.
+LAYOUT = frozenset({
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split", "Gather",
+    "Expand", "Concat",
+})
+
+
+def unique_node_names(model: onnx.ModelProto) -> None:
+    """Give every node a unique name in place: units and plans refer to nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+class GraphView:
+    """Producers, consumers and constant values of a graphsurgeon graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        graph.toposort()
+        self.nodes: list[gs.Node] = list(graph.nodes)
+        self.node = {n.name: n for n in self.nodes}
+        self.order = {n.name: i for i, n in enumerate(self.nodes)}
+        self.tensors: dict[str, gs.Tensor] = graph.tensors()
+        self.consumers: dict[str, list[gs.Node]] = defaultdict(list)
+        self.producer: dict[str, gs.Node] = {}
+        for n in self.nodes:
+            for t in n.inputs:
+                self.consumers[t.name].append(n)
+            for t in n.outputs:
+                self.producer[t.name] = n
+        self.output_names = {t.name for t in graph.outputs}
+
+    def const(self, tensor: gs.Tensor | str) -> np.ndarray | None:
+        """The value of a tensor fixed at export time: initializer or Constant node output."""
+        t = self.tensors[tensor] if isinstance(tensor, str) else tensor
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        prod = self.producer.get(t.name)
+        if prod is None:
+            return None
+        if prod.op == "Constant":
+            value = prod.attrs.get("value")
+            if isinstance(value, gs.Constant):
+                return np.asarray(value.values)
+            for key in ("value_float", "value_int"):
+                if key in prod.attrs:
+                    return np.asarray(prod.attrs[key])
+            for key in ("value_floats", "value_ints"):
+                if key in prod.attrs:
+                    return np.asarray(prod.attrs[key])
+            return None
+        if prod.op in ("Identity", "Cast") and prod.inputs:
+            inner = self.const(prod.inputs[0])
+            if inner is not None and prod.op == "Cast":
+                to = onnx.helper.tensor_dtype_to_np_dtype(prod.attrs["to"])
+                return inner.astype(to)
+            return inner
+        return None
+
+    def is_const(self, tensor: gs.Tensor) -> bool:
+        return self.const(tensor) is not None
+
+    def weight_of(self, node: gs.Node) -> tuple[int, np.ndarray] | None:
+        """For MatMul/Gemm with a 2-D constant right operand: (input index, value)."""
+        if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            return None
+        value = self.const(node.inputs[1])
+        if value is None or value.ndim != 2 or self.const(node.inputs[0]) is not None:
+            return None
+        if node.op == "Gemm" and node.attrs.get("transA", 0):
+            return None
+        return 1, value
+
+    def is_projection(self, node: gs.Node) -> bool:
+        return self.weight_of(node) is not None
+
+    def data_inputs(self, node: gs.Node) -> list[gs.Tensor]:
+        return [t for t in node.inputs if t.name and self.const(t) is None]
+
+    def ancestors(self, tensor: str, limit: int = 400) -> set[str]:
+        """Tensor names upstream of ``tensor`` (bounded walk), including itself."""
+        seen = {tensor}
+        stack = [tensor]
+        while stack and len(seen) < limit:
+            prod = self.producer.get(stack.pop())
+            if prod is None:
+                continue
+            for t in prod.inputs:
+                if t.name and t.name not in seen:
+                    seen.add(t.name)
+                    stack.append(t.name)
+        return seen
