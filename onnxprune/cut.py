@@ -237,23 +237,32 @@ class BlockSurgeon:
         data = node.inputs[0].name
         if self.old[data] == self.new[data]:
             return
-        starts, ends = self.view.const(node.inputs[1]), self.view.const(node.inputs[2])
-        axes = self.view.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name \
-            else np.arange(len(np.atleast_1d(starts)))
-        if starts is None or ends is None or axes is None:
-            raise NotPrunableError(f"Slice node {node.name}: computed bounds on a pruned axis")
-        starts, ends = np.array(starts, np.int64).copy(), np.array(ends, np.int64).copy()
         ndim = len(self.old[data])
-        for i, axis in enumerate(np.atleast_1d(axes)):
-            axis = int(axis) % ndim
-            if self.old[data][axis] == self.new[data][axis]:
-                continue
-            kept = self._kept_positions(data, axis)
-            size = self.old[data][axis]
-            lo, hi, _ = slice(int(starts[i]), int(ends[i])).indices(size)
-            starts[i], ends[i] = kept[:lo].sum(), kept[:hi].sum()
+        starts, ends = self._traced(node.inputs[1]), self._traced(node.inputs[2])
+        axes = self._traced(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name \
+            else np.arange(len(starts))
+        axes = axes.astype(np.int64) % ndim
+        changed = [self.old[data][a] != self.new[data][a] for a in axes]
+        computed = any(self.view.const(t) is None for t in node.inputs[1:4] if t.name)
+        if computed and not all(changed):
+            raise NotPrunableError(f"Slice node {node.name}: computed bounds on a pruned axis "
+                                   "and another axis")
+        for i, axis in enumerate(axes):
+            if changed[i]:
+                kept = self._kept_positions(data, int(axis))
+                lo, hi, _ = slice(int(starts[i]), int(ends[i])).indices(self.old[data][axis])
+                starts[i], ends[i] = kept[:lo].sum(), kept[:hi].sum()
+        # bounds on a feature axis are static even when computed from shapes: freeze them
         node.inputs[1] = self._const(f"{node.name}_starts_pruned", starts)
         node.inputs[2] = self._const(f"{node.name}_ends_pruned", ends)
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            node.inputs[3] = self._const(f"{node.name}_axes_pruned", axes)
+
+    def _traced(self, tensor: gs.Tensor) -> np.ndarray:
+        value = self.view.const(tensor)
+        if value is None:
+            value = self.trace[tensor.name]
+        return np.array(value, np.int64).reshape(-1).copy()
 
     def _fix_split(self, node: gs.Node) -> None:
         data = node.inputs[0].name

@@ -26,6 +26,9 @@ _PASS_THROUGH = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identi
                            "Cast", "CastLike"})
 
 
+TOKEN_BASE = 1 << 40  # head tokens (attention-weight labels) count up from here
+
+
 class UnionFind:
     def __init__(self) -> None:
         self.parent: dict[int, int] = {}
@@ -105,7 +108,7 @@ class LabelPropagator:
     def __init__(self, view: GraphView, trace: dict[str, np.ndarray]):
         self.view = view
         self.trace = trace
-        self._next_token = 1 << 40
+        self._next_token = TOKEN_BASE
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.trace:
@@ -255,15 +258,18 @@ class LabelPropagator:
         n = lb.shape[-1]
         a3 = np.broadcast_to(la, (*batch, m, k)).reshape(-1, m, k)
         b3 = np.broadcast_to(lb, (*batch, k, n)).reshape(-1, k, n)
-        a_k, b_k = varies_along(a3, 2), varies_along(b3, 1)
-        if a_k and b_k:
-            self._contract_channels(node, flow, a3, b3, out_shape)
-        elif not a_k and not b_k and not varies_along(a3, 1) and not varies_along(b3, 1):
+        if np.all(a3 >= TOKEN_BASE):
+            # A·V: attention weights (head tokens) times values (columns along the last axis)
+            if varies_along(a3, 1) or varies_along(a3, 2) or varies_along(b3, 1):
+                raise NotPrunableError(f"MatMul node {node.name}: attention weights and "
+                                       "values combine in an unsupported way")
             left = a3[:, 0, 0].copy()
             right = b3[:, 0, :].copy()
             flow.contractions.append(Contraction(node.name, "mix", left, right))
             flow.labels[node.outputs[0].name] = np.broadcast_to(
                 right[:, None, :], (len(right), m, n)).reshape(out_shape).copy()
+        elif np.all(a3 >= 0) and np.all(a3 < TOKEN_BASE) and np.all(b3 >= 0):
+            self._contract_channels(node, flow, a3, b3, out_shape)
         else:
             raise NotPrunableError(f"MatMul node {node.name}: prunable axes combine in an "
                                    "unsupported way")
