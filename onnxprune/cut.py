@@ -230,6 +230,20 @@ class BlockSurgeon:
     def _fix_reshape(self, node: gs.Node) -> None:
         self._retarget(node, 1, node.outputs[0].name)
 
+    def _fix_attention(self, node: gs.Node) -> None:
+        """Freeze the default 1/sqrt(d) scale and update head counts of the 3-D form."""
+        q = node.inputs[0].name
+        if not node.attrs.get("scale"):
+            width = self.old[q][-1]
+            if len(self.old[q]) == 3:
+                width //= node.attrs["q_num_heads"]
+            node.attrs["scale"] = float(1.0 / np.sqrt(width))
+        for key in ("q_num_heads", "kv_num_heads"):
+            if node.attrs.get(key):
+                kept = len(self.block.q_labels) - len(self.roles.removed_heads)
+                node.attrs[key] = kept if key == "q_num_heads" else \
+                    node.attrs[key] * kept // len(self.block.q_labels)
+
     def _fix_expand(self, node: gs.Node) -> None:
         self._retarget(node, 1, node.outputs[0].name)
 

@@ -147,6 +147,8 @@ class LabelPropagator:
         data = node.inputs[0]
         if op in ("MatMul", "Gemm"):
             self._matmul(node, flow)
+        elif op == "Attention":
+            self._attention_op(node, flow)
         elif op in _PASS_THROUGH:
             if data.name not in labels or any(t.name in labels for t in node.inputs[1:]):
                 raise NotPrunableError(f"{op} node {node.name}: labelled shape input")
@@ -273,6 +275,53 @@ class LabelPropagator:
         else:
             raise NotPrunableError(f"MatMul node {node.name}: prunable axes combine in an "
                                    "unsupported way")
+
+    def _attention_op(self, node: gs.Node, flow: Flow) -> None:
+        """The fused ONNX Attention op (opset 23): Q·Kᵀ, softmax and A·V in one node."""
+        labels = [flow.labels.get(t.name) for t in node.inputs[:3]]
+        if any(lab is None for lab in labels):
+            raise NotPrunableError(f"Attention node {node.name}: Q, K and V must all come "
+                                   "from tracked projections")
+        extra = [t.name for t in node.inputs[4:] if t.name]
+        if extra or any(t.name in flow.labels for t in node.inputs[3:4]):
+            raise NotPrunableError(f"Attention node {node.name}: past key/value inputs are "
+                                   "not supported")
+        used = [o.name for o in node.outputs[1:] if self.view.consumers.get(o.name)
+                or o.name in self.view.output_names]
+        if used:
+            raise NotPrunableError(f"Attention node {node.name}: extra outputs are used")
+        q, k, v = (self._heads_first(lab, node, key) for lab, key in
+                   zip(labels, ("q_num_heads", "kv_num_heads", "kv_num_heads")))
+        batch, heads, seq, _ = q.shape
+        group = heads // k.shape[1]
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        if mask is not None:
+            mshape = np.shape(self.value(mask))
+            if len(mshape) == 4 and mshape[1] > 1:
+                raise NotPrunableError(f"Attention node {node.name}: per-head mask")
+        a3 = q.reshape(-1, seq, q.shape[-1])
+        b3 = np.swapaxes(k, -1, -2).reshape(-1, k.shape[-1], k.shape[-2])
+        scores = (*q.shape[:3], k.shape[2])
+        self._contract_channels(node, flow, a3, b3, scores)
+        tokens = flow.labels.pop(node.outputs[0].name).reshape(-1, seq, k.shape[2])[:, 0, 0]
+        right = v.reshape(-1, v.shape[2], v.shape[3])[:, 0, :]
+        flow.contractions.append(Contraction(node.name, "mix", tokens.copy(), right.copy()))
+        out = np.broadcast_to(right.reshape(batch, heads, 1, -1), (batch, heads, seq,
+                                                                    right.shape[-1]))
+        if labels[0].ndim == 3:
+            out = out.transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+        flow.labels[node.outputs[0].name] = out.copy()
+
+    @staticmethod
+    def _heads_first(labels: np.ndarray, node: gs.Node, attr: str) -> np.ndarray:
+        if labels.ndim == 4:
+            return labels
+        heads = node.attrs.get(attr) or node.attrs.get("q_num_heads")
+        if labels.ndim != 3 or not heads:
+            raise NotPrunableError(f"Attention node {node.name}: unsupported input rank")
+        b, s, width = labels.shape
+        return labels.reshape(b, s, heads, width // heads).transpose(0, 2, 1, 3)
 
     def _contract_channels(self, node: gs.Node, flow: Flow, a3: np.ndarray, b3: np.ndarray,
                            out_shape: tuple[int, ...]) -> None:

@@ -192,15 +192,22 @@ class BlockFinder:
         return 0
 
     # -- attention ------------------------------------------------------------------------
-    def attention(self, softmax: gs.Node) -> AttentionBlock | None:
-        qk = self._walk_back_matmul(softmax.inputs[0])
-        av = self._walk_forward_matmul(softmax.outputs[0].name)
-        if qk is None or av is None:
-            return None
-        q_src = self.projection_above(qk.inputs[0])
-        k_src = self.projection_above(qk.inputs[1])
-        v_src = self.projection_above(av.inputs[1])
-        block = AttentionBlock("", "attention", softmax.name, {}, None)
+    def attention(self, anchor: gs.Node) -> AttentionBlock | None:
+        """An attention block anchored at a Softmax (between Q·Kᵀ and A·V matmuls) or at a
+        fused ONNX Attention node."""
+        if anchor.op == "Attention":
+            qk = av = anchor
+            q_in, k_in, v_in = anchor.inputs[:3]
+        else:
+            qk = self._walk_back_matmul(anchor.inputs[0])
+            av = self._walk_forward_matmul(anchor.outputs[0].name)
+            if qk is None or av is None:
+                return None
+            q_in, k_in, v_in = qk.inputs[0], qk.inputs[1], av.inputs[1]
+        q_src = self.projection_above(q_in)
+        k_src = self.projection_above(k_in)
+        v_src = self.projection_above(v_in)
+        block = AttentionBlock("", "attention", anchor.name, {}, None)
         if len(q_src) != 1 or len(k_src) != 1 or len(v_src) != 1:
             block.prunable, block.reason = False, "query/key/value projections not found"
             return block
@@ -389,7 +396,7 @@ def find_blocks(view: GraphView, trace: dict[str, np.ndarray]) -> list[Block]:
     """All attention blocks, then feed-forward blocks among the remaining projections,
     numbered in topological order."""
     finder = BlockFinder(view, trace)
-    attention = [b for n in view.nodes if n.op == "Softmax"
+    attention = [b for n in view.nodes if n.op in ("Softmax", "Attention")
                  if (b := finder.attention(n)) is not None]
     claimed = set().union(*(b.nodes for b in attention)) if attention else set()
     ffn = []

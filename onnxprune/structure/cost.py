@@ -23,6 +23,11 @@ def node_flops(view: GraphView, node: gs.Node, trace: dict[str, np.ndarray]) -> 
         shape = np.shape(trace[a.name]) if a.name in trace else np.shape(view.const(a))
         k = shape[0] if node.attrs.get("transA", 0) else shape[-1]
         return 2 * out_size * int(k)
+    if node.op == "Attention":
+        q, k, v = (np.shape(trace[t.name]) for t in node.inputs[:3])
+        if len(q) == 3:  # [B, S, H*d]: the per-head split does not change the product
+            return 2 * q[0] * q[1] * k[1] * (q[2] + v[2])
+        return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
     if node.op == "Conv":
         w = view.const(node.inputs[1])
         if w is None:
