@@ -118,23 +118,17 @@ class BlockFinder:
     def projection_above(self, tensor: gs.Tensor, limit: int = 40) -> set[str]:
         """Projections (MatMul/Gemm with a constant weight) feeding ``tensor`` through layout
         and elementwise ops only."""
-        found: set[str] = set()
-        stack, seen = [tensor.name], set()
-        while stack and len(seen) < limit:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            prod = self.view.producer.get(name)
-            if prod is None:
-                continue
-            if self.view.is_projection(prod):
-                found.add(prod.name)
-            elif prod.op in LAYOUT:
-                stack.append(prod.inputs[0].name)
-            elif prod.op in ELEMENTWISE:
-                stack.extend(t.name for t in self.view.data_inputs(prod))
-        return found
+        def follow(node: gs.Node) -> list[str]:
+            if self.view.is_projection(node):
+                return []
+            if node.op in LAYOUT:
+                return [node.inputs[0].name]
+            if node.op in ELEMENTWISE:
+                return [t.name for t in self.view.data_inputs(node)]
+            return []
+
+        return {n.name for n in self.view.walk_up(tensor.name, follow, limit)
+                if n is not None and self.view.is_projection(n)}
 
     def residual_of(self, block: Block, start: str, inputs: list[str]) -> None:
         """Walk from the block's last projection to the residual add, if there is one."""
@@ -228,19 +222,14 @@ class BlockFinder:
         return block
 
     def _walk_back_matmul(self, tensor: gs.Tensor) -> gs.Node | None:
-        stack, seen = [tensor.name], set()
-        while stack and len(seen) < 16:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            prod = self.view.producer.get(name)
-            if prod is None:
-                continue
-            if prod.op == "MatMul" and len(self.view.data_inputs(prod)) == 2:
-                return prod
-            if prod.op in _SCORE_OPS:
-                stack.extend(t.name for t in self.view.data_inputs(prod))
+        """The Q·Kᵀ matmul above a softmax, through scaling, masking and casts."""
+        def follow(node: gs.Node) -> list[str]:
+            return [t.name for t in self.view.data_inputs(node)] if node.op in _SCORE_OPS \
+                else []
+
+        for node in self.view.walk_up(tensor.name, follow, 16):
+            if node is not None and node.op == "MatMul" and len(self.view.data_inputs(node)) == 2:
+                return node
         return None
 
     def _walk_forward_matmul(self, tensor: str) -> gs.Node | None:
@@ -336,22 +325,23 @@ class BlockFinder:
         return block
 
     def _elementwise_sources(self, tensor: gs.Tensor) -> tuple[set[str] | None, set[str]]:
+        """Projections feeding ``tensor`` through elementwise ops only, and those ops; None
+        when anything else is on the way."""
         ups: set[str] = set()
         ops: set[str] = set()
-        stack, seen = [tensor.name], set()
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            prod = self.view.producer.get(name)
-            if prod is None:
+
+        def follow(node: gs.Node) -> list[str]:
+            if self.view.is_projection(node) or node.op not in ELEMENTWISE:
+                return []
+            return [t.name for t in self.view.data_inputs(node)]
+
+        for node in self.view.walk_up(tensor.name, follow, 64):
+            if node is None:
                 return None, ops
-            if self.view.is_projection(prod):
-                ups.add(prod.name)
-            elif prod.op in ELEMENTWISE and len(seen) < 64:
-                ops.add(prod.op)
-                stack.extend(t.name for t in self.view.data_inputs(prod))
+            if self.view.is_projection(node):
+                ups.add(node.name)
+            elif node.op in ELEMENTWISE:
+                ops.add(node.op)
             else:
                 return None, ops
         return ups, ops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -102,6 +103,21 @@ class GraphView:
 
     def data_inputs(self, node: gs.Node) -> list[gs.Tensor]:
         return [t for t in node.inputs if t.name and self.const(t) is None]
+
+    def walk_up(self, tensor: str, follow: Callable[[gs.Node], list[str]],
+                limit: int) -> Iterator[gs.Node | None]:
+        """Producers upstream of ``tensor``, depth first, each visited once; ``follow(node)``
+        names the tensors to continue through. None marks a graph input or initializer."""
+        stack, seen = [tensor], set()
+        while stack and len(seen) < limit:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            node = self.producer.get(name)
+            yield node
+            if node is not None:
+                stack.extend(follow(node))
 
     def ancestors(self, tensor: str, limit: int = 400) -> set[str]:
         """Tensor names upstream of ``tensor`` (bounded walk), including itself."""
