@@ -138,8 +138,9 @@ class SDPAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.h, self.dh).transpose(1, 2)
-                   for p in (self.q, self.k, self.v))
+        q, k, v = (
+            p(x).view(b, n, self.h, self.dh).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
         ctx = F.scaled_dot_product_attention(q, k, v)
         return self.out(ctx.transpose(1, 2).reshape(b, n, d))
 
@@ -261,8 +262,14 @@ class TELStack(nn.Module):
         self.batch_first = batch_first
         act = "gelu" if norm_first else "relu"
         layer = nn.TransformerEncoderLayer(
-            d, heads, 2 * d, dropout=0.0, activation=act, batch_first=batch_first,
-            norm_first=norm_first, bias=bias,
+            d,
+            heads,
+            2 * d,
+            dropout=0.0,
+            activation=act,
+            batch_first=batch_first,
+            norm_first=norm_first,
+            bias=bias,
         )
         final = nn.LayerNorm(d) if norm_first else None
         self.embed = nn.Linear(IN_FEATURES, d)
@@ -287,8 +294,9 @@ class PatchTST(nn.Module):
     mis-exports: it emits patches as [B, C, P, N], so the file fails shape inference).
     """
 
-    def __init__(self, bias: bool, norm: str, d: int = 32, heads: int = 4,
-                 unfold_dim: int = 2) -> None:
+    def __init__(
+        self, bias: bool, norm: str, d: int = 32, heads: int = 4, unfold_dim: int = 2
+    ) -> None:
         super().__init__()
         self.unfold_dim = unfold_dim
         self.seq_len, self.patch, self.stride, self.horizon = 64, 8, 4, 16
@@ -296,8 +304,13 @@ class PatchTST(nn.Module):
         self.W_P = nn.Linear(self.patch, d)
         self.W_pos = nn.Parameter(0.02 * torch.randn(n_patches, d))
         self.layers = nn.ModuleList(
-            Block(PatchTSTAttention(d, heads, bias), FFN(d, 2 * d, nn.GELU(), bias), d,
-                  pre_norm=False, norm=norm)
+            Block(
+                PatchTSTAttention(d, heads, bias),
+                FFN(d, 2 * d, nn.GELU(), bias),
+                d,
+                pre_norm=False,
+                norm=norm,
+            )
             for _ in range(2)
         )
         self.head = nn.Linear(n_patches * d, self.horizon)
@@ -346,8 +359,12 @@ class Form:
     notes: str = ""
 
 
-def _stack(attn: Callable[[bool], nn.Module], ffn: Callable[[bool], nn.Module], d: int,
-           pre_norm: bool = True) -> Builder:
+def _stack(
+    attn: Callable[[bool], nn.Module],
+    ffn: Callable[[bool], nn.Module],
+    d: int,
+    pre_norm: bool = True,
+) -> Builder:
     def build(bias: bool) -> nn.Module:
         blocks = [Block(attn(bias), ffn(bias), d, pre_norm) for _ in range(2)]
         return Stack(d, blocks, final_norm=pre_norm)
@@ -368,8 +385,9 @@ def _fused(mode: str, d: int, heads: int, hidden: int) -> Builder:
 
 
 def _mha(batch_first: bool, weights: bool, d: int = 32, heads: int = 2) -> Builder:
-    return _stack(lambda b: MHAAttention(d, heads, b, batch_first, weights),
-                  _mlp(d, 2 * d, nn.GELU), d)
+    return _stack(
+        lambda b: MHAAttention(d, heads, b, batch_first, weights), _mlp(d, 2 * d, nn.GELU), d
+    )
 
 
 def _tel(norm_first: bool, batch_first: bool) -> Builder:
@@ -396,28 +414,57 @@ TS = (64, 3)
 _FORM_LIST = [
     Form("hf_bias", _hf(), SEQ, notes="BERT-like post-norm, q/k/v/o Linear, d32 h4"),
     Form("hf_nobias", _hf(), SEQ, bias=False, notes="as hf_bias without any Linear bias"),
-    Form("fused_reshape", _fused("reshape", 48, 3, 144), (10, IN_FEATURES),
-         notes="timm ViT qkv.reshape.permute.unbind, d48 h3; FFN hidden == 3d == qkv width"),
+    Form(
+        "fused_reshape",
+        _fused("reshape", 48, 3, 144),
+        (10, IN_FEATURES),
+        notes="timm ViT qkv.reshape.permute.unbind, d48 h3; FFN hidden == 3d == qkv width",
+    ),
     Form("fused_chunk", _fused("chunk", 48, 4, 96), SEQ, notes="qkv.chunk(3, -1), d48 h4"),
     Form("fused_split", _fused("split", 64, 2, 128), SEQ, notes="qkv.split(E, -1), d64 h2"),
-    Form("mha_bf", _mha(True, False), SEQ, notes="nn.MultiheadAttention batch_first, "
-         "need_weights=False (SDPA path)"),
-    Form("mha_sf", _mha(False, False), SEQ, notes="nn.MultiheadAttention seq-first, "
-         "need_weights=False"),
-    Form("mha_bf_weights", _mha(True, True), SEQ, notes="mha(x, x, x)[0] with the default "
-         "need_weights=True (explicit bmm/softmax path)"),
+    Form(
+        "mha_bf",
+        _mha(True, False),
+        SEQ,
+        notes="nn.MultiheadAttention batch_first, need_weights=False (SDPA path)",
+    ),
+    Form(
+        "mha_sf",
+        _mha(False, False),
+        SEQ,
+        notes="nn.MultiheadAttention seq-first, need_weights=False",
+    ),
+    Form(
+        "mha_bf_weights",
+        _mha(True, True),
+        SEQ,
+        notes="mha(x, x, x)[0] with the default need_weights=True (explicit bmm/softmax path)",
+    ),
     Form("tel_pre_bf", _tel(True, True), SEQ, notes="TransformerEncoderLayer norm_first, gelu"),
     Form("tel_post_bf", _tel(False, True), SEQ, notes="TransformerEncoderLayer post-norm, relu"),
     Form("tel_pre_sf", _tel(True, False), SEQ, notes="as tel_pre_bf, batch_first=False"),
     Form("tel_post_sf", _tel(False, False), SEQ, notes="as tel_post_bf, batch_first=False"),
     Form("sdpa", _sdpa(), SEQ, notes="q/k/v/o Linear + F.scaled_dot_product_attention, d48 h4"),
-    Form("sdpa_attn", _sdpa(), SEQ, opset=23, notes="sdpa at opset 23: dynamo=True emits the "
-         "ONNX Attention op"),
+    Form(
+        "sdpa_attn",
+        _sdpa(),
+        SEQ,
+        opset=23,
+        notes="sdpa at opset 23: dynamo=True emits the ONNX Attention op",
+    ),
     Form("patchtst_ln", lambda b: PatchTST(b, "ln"), TS, notes="RevIN, patches 8/4, LayerNorm"),
-    Form("patchtst_bn", lambda b: PatchTST(b, "bn"), TS, notes="as patchtst_ln with "
-         "BatchNorm1d over d_model"),
-    Form("patchtst_unfold_neg", lambda b: PatchTST(b, "ln", unfold_dim=-1), TS,
-         notes="patchtst_ln with unfold(-1, ...) as in PatchTST; broken with dynamo=False"),
+    Form(
+        "patchtst_bn",
+        lambda b: PatchTST(b, "bn"),
+        TS,
+        notes="as patchtst_ln with BatchNorm1d over d_model",
+    ),
+    Form(
+        "patchtst_unfold_neg",
+        lambda b: PatchTST(b, "ln", unfold_dim=-1),
+        TS,
+        notes="patchtst_ln with unfold(-1, ...) as in PatchTST; broken with dynamo=False",
+    ),
     Form("ffn_gelu", _ffn(nn.GELU), SEQ, notes="GELU at opset 18: Div/Erf/Add/Mul/Mul"),
     Form("ffn_gelu_op", _ffn(nn.GELU), SEQ, opset=20, notes="GELU at opset 20: Gelu op"),
     Form("ffn_gelu_tanh", _ffn(_gelu_tanh), SEQ, notes="GELU(approximate='tanh') at opset 18"),
@@ -521,8 +568,9 @@ def run_torch(model: nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
-def export_model(model: nn.Module, x: np.ndarray, path: str, *, dynamo: bool,
-                 dynamic_batch: bool, opset: int) -> None:
+def export_model(
+    model: nn.Module, x: np.ndarray, path: str, *, dynamo: bool, dynamic_batch: bool, opset: int
+) -> None:
     """``torch.onnx.export`` with input "x", output "y" and weights inside the file.
 
     Runs with grad enabled on purpose: under no_grad the nn.TransformerEncoderLayer /
@@ -531,8 +579,11 @@ def export_model(model: nn.Module, x: np.ndarray, path: str, *, dynamo: bool,
     a batch it cannot keep symbolic (seq-first MultiheadAttention with an example batch of 1).
     """
     kwargs: dict[str, Any] = {
-        "input_names": ["x"], "output_names": ["y"], "opset_version": opset,
-        "dynamo": dynamo, "external_data": False,
+        "input_names": ["x"],
+        "output_names": ["y"],
+        "opset_version": opset,
+        "dynamo": dynamo,
+        "external_data": False,
     }
     if dynamic_batch and dynamo:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=4096)},)
@@ -544,8 +595,10 @@ def export_model(model: nn.Module, x: np.ndarray, path: str, *, dynamo: bool,
     with _quiet():
         torch.onnx.export(model, (torch.from_numpy(x),), path, **kwargs)
     if dynamic_batch and not _batch_is_symbolic(path):
-        raise ValueError(f"{path}: the batch dimension was specialized to {len(x)}; "
-                         "export with an example batch of 2 or more")
+        raise ValueError(
+            f"{path}: the batch dimension was specialized to {len(x)}; "
+            "export with an example batch of 2 or more"
+        )
 
 
 def _batch_is_symbolic(path: str) -> bool:
@@ -607,8 +660,16 @@ def _quiet() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def export_form(name: str, path: str, *, dynamo: bool, dynamic_batch: bool, batch: int = 2,
-                bias: bool | None = None, opset: int | None = None) -> dict[str, Any]:
+def export_form(
+    name: str,
+    path: str,
+    *,
+    dynamo: bool,
+    dynamic_batch: bool,
+    batch: int = 2,
+    bias: bool | None = None,
+    opset: int | None = None,
+) -> dict[str, Any]:
     """Build form ``name`` (fixed seed), export it to ``path`` and return what tests need.
 
     Keys: name, path, model, input (float32 [batch, ...]), output (torch's output for it),
@@ -621,9 +682,17 @@ def export_form(name: str, path: str, *, dynamo: bool, dynamic_batch: bool, batc
     x = make_input(name, batch)
     export_model(model, x, path, dynamo=dynamo, dynamic_batch=dynamic_batch, opset=opset)
     return {
-        "name": name, "path": path, "model": model, "input": x, "output": run_torch(model, x),
-        "dynamo": dynamo, "dynamic_batch": dynamic_batch, "batch": batch, "bias": bias,
-        "opset": opset, "make_input": lambda n: make_input(name, n, seed=n + 10),
+        "name": name,
+        "path": path,
+        "model": model,
+        "input": x,
+        "output": run_torch(model, x),
+        "dynamo": dynamo,
+        "dynamic_batch": dynamic_batch,
+        "batch": batch,
+        "bias": bias,
+        "opset": opset,
+        "make_input": lambda n: make_input(name, n, seed=n + 10),
     }
 
 
@@ -638,8 +707,9 @@ def run_onnx(path: str, x: np.ndarray) -> np.ndarray:
     return sess.run(["y"], {"x": x})[0]
 
 
-def verify_export(info: dict[str, Any], atol: float = 1e-4,
-                  other_batches: tuple[int, ...] = (1, 3)) -> None:
+def verify_export(
+    info: dict[str, Any], atol: float = 1e-4, other_batches: tuple[int, ...] = (1, 3)
+) -> None:
     """Full ONNX check, onnxruntime vs torch, and other batch sizes when the batch is dynamic."""
     import onnx
 

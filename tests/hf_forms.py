@@ -42,46 +42,89 @@ class OneInOneOut(nn.Module):
 def _bert(impl: str) -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=100, hidden_size=D, num_hidden_layers=LAYERS,
-                     num_attention_heads=HEADS, intermediate_size=FF,
-                     max_position_embeddings=64, attn_implementation=impl)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FF,
+        max_position_embeddings=64,
+        attn_implementation=impl,
+    )
     return OneInOneOut(BertModel(cfg, add_pooling_layer=False), "input_ids", "last_hidden_state")
 
 
 def _distilbert(impl: str) -> nn.Module:
     from transformers import DistilBertConfig, DistilBertModel
 
-    cfg = DistilBertConfig(vocab_size=100, dim=D, n_layers=LAYERS, n_heads=HEADS,
-                           hidden_dim=FF, max_position_embeddings=64, attn_implementation=impl)
+    cfg = DistilBertConfig(
+        vocab_size=100,
+        dim=D,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        hidden_dim=FF,
+        max_position_embeddings=64,
+        attn_implementation=impl,
+    )
     return OneInOneOut(DistilBertModel(cfg), "input_ids", "last_hidden_state")
 
 
 def _vit(impl: str) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=D,
-                    num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FF,
-                    num_labels=5, attn_implementation=impl)
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FF,
+        num_labels=5,
+        attn_implementation=impl,
+    )
     return OneInOneOut(ViTForImageClassification(cfg), "pixel_values", "logits")
 
 
 def _ast(impl: str) -> nn.Module:
     from transformers import ASTConfig, ASTForAudioClassification
 
-    cfg = ASTConfig(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                    intermediate_size=FF, patch_size=16, frequency_stride=8, time_stride=8,
-                    num_mel_bins=32, max_length=48, num_labels=3, attn_implementation=impl)
+    cfg = ASTConfig(
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FF,
+        patch_size=16,
+        frequency_stride=8,
+        time_stride=8,
+        num_mel_bins=32,
+        max_length=48,
+        num_labels=3,
+        attn_implementation=impl,
+    )
     return OneInOneOut(ASTForAudioClassification(cfg), "input_values", "logits")
 
 
 def _whisper_encoder(impl: str) -> nn.Module:
     from transformers import WhisperConfig, WhisperModel
 
-    cfg = WhisperConfig(d_model=D, encoder_layers=LAYERS, encoder_attention_heads=HEADS,
-                        encoder_ffn_dim=FF, decoder_layers=1, decoder_attention_heads=HEADS,
-                        decoder_ffn_dim=FF, num_mel_bins=16, max_source_positions=16,
-                        vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        decoder_start_token_id=1, attn_implementation=impl)
+    cfg = WhisperConfig(
+        d_model=D,
+        encoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        encoder_ffn_dim=FF,
+        decoder_layers=1,
+        decoder_attention_heads=HEADS,
+        decoder_ffn_dim=FF,
+        num_mel_bins=16,
+        max_source_positions=16,
+        vocab_size=100,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        attn_implementation=impl,
+    )
     return OneInOneOut(WhisperModel(cfg).get_encoder(), "input_features", "last_hidden_state")
 
 
@@ -89,10 +132,20 @@ def _patchtst(norm: str) -> Callable[[str], nn.Module]:
     def build(impl: str) -> nn.Module:
         from transformers import PatchTSTConfig, PatchTSTForPrediction
 
-        cfg = PatchTSTConfig(num_input_channels=3, context_length=64, patch_length=8,
-                             patch_stride=4, prediction_length=16, d_model=D,
-                             num_attention_heads=HEADS, num_hidden_layers=LAYERS, ffn_dim=FF,
-                             norm_type=norm, scaling="std", attn_implementation=impl)
+        cfg = PatchTSTConfig(
+            num_input_channels=3,
+            context_length=64,
+            patch_length=8,
+            patch_stride=4,
+            prediction_length=16,
+            d_model=D,
+            num_attention_heads=HEADS,
+            num_hidden_layers=LAYERS,
+            ffn_dim=FF,
+            norm_type=norm,
+            scaling="std",
+            attn_implementation=impl,
+        )
         return OneInOneOut(PatchTSTForPrediction(cfg), "past_values", "prediction_outputs")
 
     return build
@@ -173,14 +226,30 @@ def make_hf_input(name: str, batch: int, seed: int = 1) -> np.ndarray:
     return x
 
 
-def export_hf(name: str, path: str, *, dynamo: bool, dynamic_batch: bool = True, batch: int = 2,
-              opset: int = 18, perturbed: bool = False) -> dict[str, Any]:
+def export_hf(
+    name: str,
+    path: str,
+    *,
+    dynamo: bool,
+    dynamic_batch: bool = True,
+    batch: int = 2,
+    opset: int = 18,
+    perturbed: bool = False,
+) -> dict[str, Any]:
     """Build HF model ``name``, export it to ``path``; same keys as ``forms.export_form``."""
     model = build_hf(name, perturbed=perturbed)
     x = make_hf_input(name, batch)
     export_model(model, x, path, dynamo=dynamo, dynamic_batch=dynamic_batch, opset=opset)
     return {
-        "name": name, "path": path, "model": model, "input": x, "output": run_torch(model, x),
-        "dynamo": dynamo, "dynamic_batch": dynamic_batch, "batch": batch, "bias": True,
-        "opset": opset, "make_input": lambda n: make_hf_input(name, n, seed=n + 10),
+        "name": name,
+        "path": path,
+        "model": model,
+        "input": x,
+        "output": run_torch(model, x),
+        "dynamo": dynamo,
+        "dynamic_batch": dynamic_batch,
+        "batch": batch,
+        "bias": True,
+        "opset": opset,
+        "make_input": lambda n: make_hf_input(name, n, seed=n + 10),
     }
