@@ -226,23 +226,22 @@ def export_onnx(
     example_batch = batch if batch is not None else 2
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(example_batch, *input_shape, generator=gen)
-    dynamic_shapes = None
-    if batch is None:
-        dynamic_shapes = {input_name: {0: torch.export.Dim("batch", min=1, max=4096)}}
-    kwargs = {"dynamic_shapes": dynamic_shapes} if dynamic_shapes else {}
+    kwargs = {}
+    if batch is None:  # forward's argument is called x, whatever the exported input's name
+        kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
     # Export to a temp name, check, then move into place: never a half-written output.
     tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad():
-        program = torch.onnx.export(
-            _Named(model, input_name).eval(),
-            args=(example,),
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
             dynamo=True,
             external_data=False,
             input_names=[input_name],
             output_names=[output_name],
             **kwargs,
         )
-    program.save(str(tmp), external_data=False)
     onnx.checker.check_model(str(tmp), full_check=True)
     sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     for b in [batch] if batch is not None else [1, 3]:
@@ -256,18 +255,6 @@ def export_onnx(
             raise RuntimeError(f"ONNX export of {path} differs from torch: max abs err {err:.3g}")
     tmp.replace(path)
     return path
-
-
-class _Named(nn.Module):
-    """Wraps a model so that the exported input is called ``input_name``."""
-
-    def __init__(self, model: nn.Module, input_name: str) -> None:
-        super().__init__()
-        self.model = model
-        self.input_name = input_name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
 
 if __name__ == "__main__":
