@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxprune.cut import apply_plan
 from onnxprune.errors import OnnxpruneError
@@ -54,8 +55,6 @@ def inspect(model: ModelLike, shapes: Shapes = None) -> Analysis:
 
 def measure(model: onnx.ModelProto, shapes: Shapes = None) -> tuple[int, int]:
     """(parameters, FLOPs) of a model at the given input shapes."""
-    import onnx_graphsurgeon as gs
-
     feeds = synthetic_feeds(input_specs(model), shapes)
     values = trace(model, feeds)
     view = GraphView(gs.import_onnx(model))

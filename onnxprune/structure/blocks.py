@@ -167,11 +167,11 @@ class BlockFinder:
             node = self.view.node[name]
             params += sum(const_size(self.view, t) for t in node.inputs[1:])
         if flow is not None:
-            for op in flow.operands:
-                t = self.view.node[op.node].inputs[op.index]
-                params += const_size(self.view, t) if self.view.const(t) is not None and \
-                    np.issubdtype(self.view.const(t).dtype, np.floating) and \
-                    self.view.const(t).size > 1 else 0
+            for op in flow.operands:  # biases and other per-column constants
+                value = self.view.const(self.view.node[op.node].inputs[op.index])
+                if value is not None and np.issubdtype(value.dtype, np.floating) \
+                        and value.size > 1:
+                    params += value.size
             for sink in flow.sinks:
                 params += self._bias_after(sink.node)
         block.params = params
