@@ -127,24 +127,32 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
     return dict(zip(names, values))
 
 
-def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every intermediate tensor of one run, keyed by name (no graph optimisation).
-
-    The structure analysis reads concrete shapes and the values of shape tensors from it.
-    """
+def probe_model(model: onnx.ModelProto, names: list[str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the intermediate tensors ``names`` (all of them
+    when None)."""
     typed = onnx.shape_inference.infer_shapes(model, data_prop=True)
     elem_types = {vi.name: vi.type.tensor_type.elem_type
                   for vi in [*typed.graph.value_info, *typed.graph.output, *typed.graph.input]}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
+    wanted = None if names is None else set(names)
     for node in probe.graph.node:
         for name in node.output:
-            if name and name not in existing and elem_types.get(name):
+            if (name and name not in existing and elem_types.get(name)
+                    and (wanted is None or name in wanted)):
                 probe.graph.output.append(
                     helper.make_tensor_value_info(name, elem_types[name], None))
                 existing.add(name)
-    session = make_session(probe, optimize=False)
+    return probe
+
+
+def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every intermediate tensor of one run, keyed by name (no graph optimisation).
+
+    The structure analysis reads concrete shapes and the values of shape tensors from it.
+    """
+    session = make_session(probe_model(model), optimize=False)
     values = run(session, feeds)
     values.update(feeds)
     for init in model.graph.initializer:
