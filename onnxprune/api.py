@@ -1,8 +1,10 @@
 """The public Python API; the CLI is a thin layer over it.
 
     import onnxprune
-    structure = onnxprune.inspect("model.onnx")
-    pruned, check = onnxprune.cut("model.onnx", ["attn0.head1", "ffn1.ch7"])
+    analysis = onnxprune.inspect("model.onnx")
+    result = onnxprune.cut("model.onnx", ["attn0.head1", "ffn1.ch7"])
+    pruned, report = onnxprune.prune("model.onnx", ratio=0.5, calib="calib.npz")
+    scores = onnxprune.score("model.onnx", calib="calib.npz", method="fisher")
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.cut import apply_plan
+from onnxprune.data import CalibrationData, load_calibration
 from onnxprune.errors import OnnxpruneError
 from onnxprune.gates import KINDS, GatedModel, gate_model
+from onnxprune.losses import choose_loss
 from onnxprune.modelio import load_model
+from onnxprune.pipeline import Calibrated, PruneOptions, Report, run_prune
 from onnxprune.runtime import input_specs, synthetic_feeds, trace
+from onnxprune.scores import Scores, check_method, compute_scores
 from onnxprune.structure.cost import model_flops, model_params
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.structure.graph import GraphView
@@ -78,3 +84,41 @@ def cut(model: ModelLike, units: Iterable[str], shapes: Shapes = None,
 def gate(model: ModelLike, kinds: Iterable[str] = KINDS, shapes: Shapes = None) -> GatedModel:
     """The model with ablation gate inputs (all 1 reproduces the original outputs)."""
     return gate_model(inspect(model, shapes), kinds)
+
+
+def calibration(model: onnx.ModelProto, calib: str | os.PathLike | CalibrationData | None,
+                samples: int | None = None, seed: int = 0, shapes: Shapes = None
+                ) -> CalibrationData:
+    """Calibration data from a file (.npz/.npy/.csv), as given, or synthesised (data-free)."""
+    if isinstance(calib, CalibrationData):
+        return calib.take(samples) if samples and samples < calib.n_samples else calib
+    return load_calibration(calib, model, samples=samples, seed=seed,
+                            shapes=dict(shapes) if shapes else None)
+
+
+def prune(model: ModelLike, ratio: float, calib: str | os.PathLike | CalibrationData | None
+          = None, *, method: str = "fisher", granularity: str = "auto", samples: int | None
+          = None, progress=None, **options) -> tuple[onnx.ModelProto, Report]:
+    """Score, plan, cut and verify: remove ``ratio`` of the prunable parameters (or FLOPs
+    with ``target="flops"``). Other options: see :class:`onnxprune.pipeline.PruneOptions`."""
+    model = _as_model(model)
+    opts = PruneOptions(ratio, method, granularity, **options)
+    opts.check()
+    data = calibration(model, calib, samples, opts.seed, opts.shapes)
+    return run_prune(model, data, opts, progress)
+
+
+def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = None, *,
+          method: str = "fisher", granularity: str = "auto", samples: int | None = None,
+          batch_size: int = 32, loss: str | None = None, ema: float = 0.5, seed: int = 0,
+          shapes: Shapes = None, threads: int = 0, progress=None) -> Scores:
+    """Every prunable unit's score (higher = more important), without cutting anything."""
+    model = _as_model(model)
+    kinds = check_method(method, granularity)
+    analysis = inspect(model, shapes)
+    data = calibration(model, calib, samples, seed, shapes)
+    spec = choose_loss(model, data.targets, loss)
+    batches = Calibrated(model, data, spec, batch_size, threads)
+    tick = (lambda done, total: progress(method, done, total)) if progress else None
+    return compute_scores(analysis, batches, spec, method, kinds, ema=ema, seed=seed,
+                          threads=threads, progress=tick)

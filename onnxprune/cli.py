@@ -1,7 +1,12 @@
 """Command line: argument parsing and printing only; the work is in onnxprune.api.
 
+    onnxprune IN.onnx OUT.onnx --ratio 0.5 [options]     the main job (= onnxprune prune ...)
+    onnxprune score MODEL [--json] [--plot FILE.png]     every unit's score, nothing cut
+    onnxprune inspect MODEL | onnxprune cut IN OUT --remove UNITS
+
 Exit codes: 0 success, 1 internal error (a bug: please report), 2 bad input or a model that
-cannot be pruned as asked, 4 the rewritten model failed verification (nothing written).
+cannot be pruned as asked, 3 the quality gate (--max-drop) failed: report written, model
+not, 4 the rewritten model failed verification (nothing written).
 """
 
 from __future__ import annotations
@@ -13,8 +18,21 @@ import sys
 from onnxprune import api
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import check_output_path, load_model, save_model
-from onnxprune.report import human, structure_json, structure_table
+from onnxprune.progress import ProgressBar
+from onnxprune.report import (
+    human,
+    plot_scores,
+    prune_summary,
+    scores_json,
+    scores_table,
+    structure_json,
+    structure_table,
+    write_json,
+)
+from onnxprune.scores import GRANULARITIES, METHODS
 
+COMMANDS = ("inspect", "cut", "prune", "score")
+EXIT_QUALITY_GATE = 3
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.rpartition(":")
@@ -57,11 +75,88 @@ def cmd_cut(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    check_output_path(args.input, args.output)
+    if args.report:
+        check_output_path(args.input, args.report)
+    if args.max_drop is not None and args.max_drop < 0:
+        raise OnnxpruneError(f"--max-drop {args.max_drop}: must be >= 0")
+    pruned, report = api.prune(
+        load_model(args.input), args.ratio, args.calib, method=args.method,
+        granularity=args.granularity, samples=args.samples, target=args.target,
+        steps=args.steps, round_to=args.round_to, ema=args.ema, seed=args.seed,
+        loss=args.loss, batch_size=args.batch_size, threads=args.threads,
+        shapes=_shapes(args), progress=ProgressBar(args.quiet))
+    print(prune_summary(report))
+    gate_failed = args.max_drop is not None and report.drop > args.max_drop
+    if args.report:
+        write_json(args.report, {**report.to_json(), "input": args.input,
+                                 "output": None if gate_failed else args.output,
+                                 "max_drop": args.max_drop, "gate_passed": not gate_failed})
+        print(f"wrote report {args.report}")
+    if gate_failed:
+        print(f"onnxprune: quality gate failed: {report.quality_before.name} dropped "
+              f"{report.drop:.2%} > --max-drop {args.max_drop:.2%}; model not written",
+              file=sys.stderr)
+        return EXIT_QUALITY_GATE
+    save_model(pruned, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    scores = api.score(load_model(args.model), args.calib, method=args.method,
+                       granularity=args.granularity, samples=args.samples,
+                       batch_size=args.batch_size, loss=args.loss, ema=args.ema,
+                       seed=args.seed, shapes=_shapes(args), threads=args.threads,
+                       progress=ProgressBar(args.quiet))
+    if args.plot:
+        plot_scores(scores, args.plot)
+    if args.json:
+        print(json.dumps(scores_json(scores), indent=2))
+    else:
+        print(scores_table(scores))
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
+    g = p.add_argument_group("scoring")
+    g.add_argument("--calib", metavar="FILE",
+                   help="calibration data: .npz keyed by input (and output) names, .npy "
+                        "(single input) or a time-series .csv; default: synthetic inputs "
+                        "and self-distillation (data-free)")
+    g.add_argument("--samples", type=int, metavar="N",
+                   help="calibration samples to use (seeded subset; default all, or 64 "
+                        "synthetic)")
+    g.add_argument("--batch-size", type=int, default=32, metavar="B")
+    g.add_argument("--method", default="fisher", choices=METHODS,
+                   help="sensitivity metric (default fisher)")
+    g.add_argument("--granularity", default="auto", choices=GRANULARITIES,
+                   help="units to prune: module (whole attention, SPAT), head, channel "
+                        "(per-head QK/VO), ffn (FFN channels), auto (heads, modules, FFN "
+                        "channels ranked together; default)")
+    g.add_argument("--loss", choices=["mse", "mae", "ce"],
+                   help="task loss with targets (default: inferred); without targets "
+                        "self-distillation is used")
+    g.add_argument("--ema", type=float, default=0.5,
+                   help="fisher: EMA factor across batches (default 0.5)")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling and random")
+    g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
+    g.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
+                   help=shape_help)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxprune",
         description="Structured pruning of attention and feed-forward blocks in ONNX models.",
-        epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 4 verification failed")
+        usage="onnxprune IN.onnx OUT.onnx --ratio R [options]\n"
+              "       onnxprune {inspect,cut,prune,score} ...",
+        epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 3 quality gate "
+               "(--max-drop) failed, 4 verification failed")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     shape_help = "concrete shape for an input with dynamic dims, e.g. x:1,336,7 (repeatable)"
 
@@ -81,11 +176,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help=shape_help)
     p.set_defaults(func=cmd_cut)
+
+    p = sub.add_parser("prune", help="the main job (also: onnxprune IN OUT --ratio R): score, "
+                                     "plan, cut, verify, write",
+                       epilog="exit codes: 0 ok, 2 bad input, 3 --max-drop exceeded (report "
+                              "written, model not), 4 verification failed")
+    p.add_argument("input", help="ONNX file to prune")
+    p.add_argument("output", help="where to write the pruned model")
+    p.add_argument("--ratio", type=float, required=True,
+                   help="fraction of the prunable parameters (or FLOPs) to remove, in (0, 1)")
+    p.add_argument("--target", choices=["params", "flops"], default="params")
+    p.add_argument("--steps", type=int, default=1,
+                   help="progressive pruning in K steps, re-scoring in between")
+    p.add_argument("--round-to", type=int, default=1, metavar="M",
+                   help="keep FFN widths and per-head QK/VO widths multiples of M")
+    p.add_argument("--report", metavar="FILE.json", help="write the run report as JSON")
+    p.add_argument("--max-drop", type=float, metavar="X",
+                   help="quality gate: exit 3 without writing the model when the metric "
+                        "degrades by more than X (relative, e.g. 0.05)")
+    add_scoring_options(p, shape_help)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("score", help="score every prunable unit; cut nothing")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--json", action="store_true", help="print every unit's score as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw the per-layer sensitivity heatmap (needs matplotlib)")
+    add_scoring_options(p, shape_help)
+    p.set_defaults(func=cmd_score)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "prune")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

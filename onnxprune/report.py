@@ -95,3 +95,127 @@ def structure_table(analysis: Analysis) -> str:
         lines.append(f"note: dynamic dims of {', '.join(analysis.dynamic_defaults)} taken as 1; "
                      "use --shape NAME:D0,D1,... for real sizes")
     return "\n".join(lines)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    import json
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _kind_of(unit: str) -> str:
+    tail = unit.split(":")[-1]
+    if "." not in tail:
+        return "attention modules" if tail.startswith("attn") else "FFN modules"
+    part = tail.split(".")[1]
+    return {"head": "heads", "qk": "QK channels", "vo": "VO channels",
+            "ch": "FFN channels"}[part.rstrip("0123456789")]
+
+
+def _change(before: float, after: float) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "n/a"
+
+
+def prune_summary(report) -> str:
+    """The short table the main job prints."""
+    counts: dict[str, int] = {}
+    for unit in report.removed:
+        counts[_kind_of(unit)] = counts.get(_kind_of(unit), 0) + 1
+    data = report.data
+    source = (f"synthetic inputs ({data['samples']} samples, data-free)" if data["data_free"]
+              else f"{data['source']} ({data['samples']} samples)")
+    qb, qa = report.quality_before, report.quality_after
+    rows = [
+        ("params", human(report.params_before), human(report.params_after),
+         _change(report.params_before, report.params_after)),
+        ("FLOPs", human(report.flops_before), human(report.flops_after),
+         _change(report.flops_before, report.flops_after)),
+        ("calib loss", f"{report.loss_before:.4g}", f"{report.loss_after:.4g}",
+         _change(report.loss_before, report.loss_after)),
+        (qb.name, f"{qb.value:.4g}", f"{qa.value:.4g}", f"drop {report.drop:+.2%}"),
+    ]
+    lines = [f"method {report.method}, granularity {report.granularity}, loss {report.loss}, "
+             f"data {source}",
+             "removed " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing"),
+             f"{'':<12}{'before':>12}{'after':>12}{'change':>14}"]
+    lines += [f"{a:<12}{b:>12}{c:>12}{d:>14}" for a, b, c, d in rows]
+    for step in report.steps:
+        for note in step.fallbacks:
+            lines.append(f"note: step {step.step}: {note}")
+    worst = max((s.max_abs_diff for s in report.steps), default=0.0)
+    lines.append(f"verified exact against the gated original (max |diff| {worst:.2e}); "
+                 f"{report.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def scores_json(scores) -> dict[str, Any]:
+    return {"method": scores.method, "samples": scores.samples,
+            "seconds": round(scores.seconds, 3), "fallbacks": scores.fallbacks,
+            "units": scores.units()}
+
+
+def scores_table(scores) -> str:
+    """Per block: module score, and the lowest/highest unit of each kind."""
+    lines = [f"method {scores.method} over {scores.samples} samples "
+             f"({scores.seconds:.1f} s); higher = more important"]
+    for note in scores.fallbacks:
+        lines.append(f"note: {note}")
+    for (block, kind), value in sorted(scores.values.items()):
+        import numpy as np
+
+        v = np.asarray(value, dtype=float)
+        if v.ndim == 0:
+            lines.append(f"  {block:<8}{kind:<7}{float(v):12.4g}")
+        else:
+            lines.append(f"  {block:<8}{kind:<7}min {v.min():10.4g}  median "
+                         f"{float(np.median(v)):10.4g}  max {v.max():10.4g}  ({v.size} units)")
+    return "\n".join(lines)
+
+
+def plot_scores(scores, path: str) -> None:
+    """Heatmaps: attention layers × heads, and module scores (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from onnxprune.errors import OnnxpruneError
+
+        raise OnnxpruneError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
+    import numpy as np
+
+    heads = {b: np.asarray(v) for (b, k), v in scores.values.items() if k == "head"}
+    modules = {b: float(v) for (b, k), v in scores.values.items() if k == "module"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[3, 1])
+    if heads:
+        names = sorted(heads, key=lambda n: int(n[4:]))
+        width = max(len(heads[n]) for n in names)
+        grid = np.full((len(names), width), np.nan)
+        for i, n in enumerate(names):
+            grid[i, :len(heads[n])] = heads[n]
+        im = axes[0].imshow(grid, aspect="auto", cmap="viridis")
+        axes[0].set_yticks(range(len(names)), names)
+        axes[0].set_xlabel("head")
+        fig.colorbar(im, ax=axes[0])
+    axes[0].set_title(f"{scores.method}: head sensitivity")
+    if modules:
+        names = sorted(modules)
+        axes[1].barh(names, [modules[n] for n in names])
+    axes[1].set_title("module sensitivity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
