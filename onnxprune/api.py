@@ -22,7 +22,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.gates import KINDS, GatedModel, gate_model
 from onnxprune.losses import choose_loss
 from onnxprune.modelio import load_model
-from onnxprune.pipeline import Calibrated, PruneOptions, Report, run_prune
+from onnxprune.pipeline import Calibrated, PruneOptions, Report, analysis_shapes, run_prune
 from onnxprune.runtime import input_specs, synthetic_feeds, trace
 from onnxprune.scores import Scores, check_method, compute_scores
 from onnxprune.structure.cost import model_flops, model_params
@@ -115,8 +115,8 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
     """Every prunable unit's score (higher = more important), without cutting anything."""
     model = _as_model(model)
     kinds = check_method(method, granularity)
-    analysis = inspect(model, shapes)
     data = calibration(model, calib, samples, seed, shapes)
+    analysis = inspect(model, analysis_shapes(model, data, dict(shapes) if shapes else None))
     spec = choose_loss(model, data.targets, loss)
     batches = Calibrated(model, data, spec, batch_size, threads)
     tick = (lambda done, total: progress(method, done, total)) if progress else None

@@ -8,9 +8,10 @@ halves the cost of a gate-gradient pass on the reference models.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import onnx_ad
 
@@ -55,6 +56,70 @@ def gradient_graph(model: onnx.ModelProto, wrt: Sequence[str], output: str) -> G
     adjoint.graph.output.extend(outputs)
     drop_dead_nodes(adjoint)
     return GradientGraph(adjoint, seed, {x: SEED_PREFIX + x for x in wrt})
+
+
+# operands onnx-ad needs as constants, by op: input positions
+_CONSTANT_OPERANDS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Pad": (1, 2, 3)}
+
+
+def freeze_shape_operands(model: onnx.ModelProto, *traces: Mapping[str, np.ndarray]) -> int:
+    """Replace computed Slice/Split/Pad bounds by constants where every trace (taken at
+    different batch sizes) agrees on their value, i.e. they do not depend on the batch.
+    Returns how many were frozen. In place."""
+    produced = {name for node in model.graph.node for name in node.output}
+    frozen: dict[str, np.ndarray] = {}
+    for node in model.graph.node:
+        for pos in _CONSTANT_OPERANDS.get(node.op_type, ()):
+            if pos >= len(node.input) or node.input[pos] not in produced:
+                continue
+            name = node.input[pos]
+            values = [t.get(name) for t in traces]
+            if any(v is None for v in values):
+                continue
+            if all(np.array_equal(values[0], v) for v in values[1:]):
+                frozen[name] = np.asarray(values[0])
+    if not frozen:
+        return 0
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in frozen:
+                node.input[i] = f"{name}.frozen"
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(v, f"{k}.frozen") for k, v in frozen.items())
+    return len(frozen)
+
+
+def declare_slice_shapes(model: onnx.ModelProto, one: Mapping[str, np.ndarray],
+                         two: Mapping[str, np.ndarray], batch: int | None) -> bool:
+    """Give each Slice input whose shape inference lost it a declared shape (onnx-ad needs
+    a static one): the traced dims, the one that doubles between the batch-1 and batch-2
+    traces scaled to ``batch``. Returns whether any needed the batch (then the graph is
+    only valid at that batch size); with ``batch`` None only checks."""
+    typed = onnx.shape_inference.infer_shapes(model)
+    static = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input]
+              if vi.type.tensor_type.HasField("shape")
+              and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in typed.graph.value_info}
+    batch_bound = False
+    for node in model.graph.node:
+        name = node.input[0] if node.op_type == "Slice" else None
+        if not name or name in static or name not in one or name not in two:
+            continue
+        a, b = np.shape(one[name]), np.shape(two[name])
+        if len(a) != len(b):
+            continue
+        batch_bound |= a != b
+        if batch is None:
+            continue
+        dims = [x if x == y else x * batch for x, y in zip(a, b)]
+        kept = [vi for vi in model.graph.value_info if vi.name != name]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            name, elem.get(name) or onnx.helper.np_dtype_to_tensor_dtype(
+                np.asarray(one[name]).dtype), dims))
+        static.add(name)
+    return batch_bound
 
 
 def drop_dead_nodes(model: onnx.ModelProto) -> None:

@@ -53,6 +53,7 @@ class Gate:
     width: int = 0
     shape: tuple[int, ...] = ()
     batch_dim: int | None = None
+    batch_inner: bool = False    # rows of one sample are strided by the batch ([T*B, ...])
 
     def shape_at(self, batch: int) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -66,7 +67,10 @@ class Gate:
         if self.batch_dim is None:
             return value.reshape(1, *value.shape[-1:] if self.size else ())
         moved = np.moveaxis(value, self.batch_dim, 0)
-        rows = moved.reshape(batch, -1, *moved.shape[1:]).sum(axis=1)
+        if self.batch_inner:
+            rows = moved.reshape(-1, batch, *moved.shape[1:]).sum(axis=0)
+        else:
+            rows = moved.reshape(batch, -1, *moved.shape[1:]).sum(axis=1)
         if self.kind == "module":
             return rows.reshape(batch)
         return rows
@@ -76,6 +80,13 @@ class Gate:
 class GatedModel:
     model: onnx.ModelProto
     gates: list[Gate]
+    batch_trace: dict[str, np.ndarray] | None = None
+    aliases: dict[str, str] | None = None      # gated tensor -> the original it equals at 1
+
+    def traced(self, trace: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A trace of the original extended to the gated tensors (equal at gates 1)."""
+        extra = {new: trace[old] for new, old in (self.aliases or {}).items() if old in trace}
+        return {**trace, **extra}
 
     def feeds(self, plan: Plan | None = None, dtype: type = np.float32,
               batch: int = 1) -> dict[str, np.ndarray]:
@@ -114,6 +125,7 @@ class Gater:
         self.tensors = self.graph.tensors()
         self.names = set(self.tensors)
         self.gates: list[Gate] = []
+        self.aliases: dict[str, str] = {}
         self.batch_trace = batch_trace(analysis) if per_sample else None
 
     def dtype_of(self, tensor: str) -> type:
@@ -129,6 +141,15 @@ class Gater:
         if len(one) < 2 or len(grown) != 1 or two[grown[0]] != 2 * one[grown[0]]:
             return None
         return grown[0] if grown[0] < len(one) - 1 else None
+
+    def batch_is_inner(self, tensor: str, axis: int) -> bool:
+        """Whether sample 0's rows are every other row (batch innermost, as in [T*B, D])
+        rather than the first half: the batch trace repeats the analysis input first."""
+        one = np.moveaxis(np.asarray(self.analysis.trace[tensor]), axis, 0)
+        two = np.moveaxis(np.asarray(self.batch_trace[tensor]), axis, 0)
+        if np.allclose(two[:len(one)], one, rtol=1e-4, atol=1e-6):
+            return False
+        return bool(np.allclose(two[0::2], one, rtol=1e-4, atol=1e-6))
 
     def add_input(self, block: str, kind: str, size: int, dtype: type, width: int = 0,
                   tensor: str | None = None) -> tuple[gs.Variable, int | None]:
@@ -146,17 +167,20 @@ class Gater:
         else:
             shape, batch_dim = (traced[axis], size), 0
         declared: list[int | str] = list(shape)
+        inner = False
         if batch_dim is not None:
             declared[batch_dim] = f"{name}_rows"
+            inner = self.batch_is_inner(tensor, axis)
         var = gs.Variable(name, dtype=dtype, shape=declared)
         self.graph.inputs.append(var)
-        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim))
+        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim, inner))
         return var, axis
 
     def multiply(self, tensor: str, factor: gs.Tensor, label: str) -> None:
         """Every consumer of ``tensor`` (Shape ops aside) reads tensor·factor instead."""
         source = self.tensors[tensor]
         product = gs.Variable(fresh_name(self.names, f"{tensor}_{label}"), dtype=source.dtype)
+        self.aliases[product.name] = tensor
         users = [n for n in list(source.outputs) if n.op != "Shape"]
         self.graph.nodes.append(gs.Node("Mul", product.name, inputs=[source, factor],
                                         outputs=[product]))
@@ -271,15 +295,17 @@ def after_elementwise(analysis: Analysis, projection: str, block: AttentionBlock
 
 
 def batch_trace(analysis: Analysis) -> dict[str, np.ndarray]:
-    """A second trace with every dynamic leading input dim doubled: comparing it with the
-    analysis trace shows which axis of each tensor carries the batch."""
-    shapes = {}
-    for spec in input_specs(analysis.model):
-        shape = list(analysis.structure.input_shapes[spec.name])
-        if spec.dims and not isinstance(spec.dims[0], int):
-            shape[0] *= 2
-        shapes[spec.name] = tuple(shape)
-    return trace(analysis.model, synthetic_feeds(input_specs(analysis.model), shapes))
+    """A second trace with every dynamic leading input dim doubled (the analysis input
+    first, then a different one): comparing it with the analysis trace shows which axis of
+    each tensor carries the batch, and how its rows are ordered."""
+    specs = input_specs(analysis.model)
+    extra = synthetic_feeds(specs, analysis.structure.input_shapes, seed=1)
+    feeds = {}
+    for spec in specs:
+        first = np.asarray(analysis.trace[spec.name])
+        dynamic = spec.dims and not isinstance(spec.dims[0], int)
+        feeds[spec.name] = np.concatenate([first, extra[spec.name]]) if dynamic else first
+    return trace(analysis.model, feeds)
 
 
 def gate_model(analysis: Analysis, kinds: Iterable[str] = KINDS,
@@ -307,4 +333,4 @@ def gate_model(analysis: Analysis, kinds: Iterable[str] = KINDS,
     model.ir_version = analysis.model.ir_version
     del model.opset_import[:]
     model.opset_import.extend(analysis.model.opset_import)
-    return GatedModel(model, gater.gates)
+    return GatedModel(model, gater.gates, gater.batch_trace, gater.aliases)

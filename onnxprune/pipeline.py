@@ -27,7 +27,7 @@ from onnxprune.losses import (
     target_feeds,
 )
 from onnxprune.plan import prunable_total, select
-from onnxprune.runtime import make_session, run
+from onnxprune.runtime import input_specs, make_session, run
 from onnxprune.scores import check_method, compute_scores
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.units import parse_units
@@ -163,10 +163,29 @@ class Calibrated:
                                                              reference)
 
 
+def analysis_shapes(model: onnx.ModelProto, calib: CalibrationData,
+                    shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+    """The shapes to analyse at: the given ones, else the calibration data's at batch 1 (a
+    static batch stays), so dynamic sequence lengths are traced as they will be scored."""
+    if shapes:
+        return shapes
+    out = {}
+    for spec in input_specs(model):
+        array = calib.inputs.get(spec.name)
+        if array is None:
+            continue
+        dims = [d if isinstance(d, int) else int(n) for d, n in zip(spec.dims, array.shape)]
+        if spec.dims and not isinstance(spec.dims[0], int):
+            dims[0] = 1
+        out[spec.name] = tuple(dims)
+    return out
+
+
 def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions,
               progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     opts.check()
     start = time.perf_counter()
+    opts.shapes = analysis_shapes(model, calib, opts.shapes)
     kinds = check_method(opts.method, opts.granularity)
     first = analyse(model, opts.shapes)
     if not first.structure.attention:

@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+import onnx
 
-from onnxprune.autodiff import gradient_graph
+from onnxprune.autodiff import declare_slice_shapes, freeze_shape_operands, gradient_graph
 from onnxprune.gates import Gate, gate_model
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, with_loss
 from onnxprune.runtime import make_session, run
@@ -35,21 +36,42 @@ class GradientPass:
         gated = gate_model(analysis, kinds, per_sample=True)
         self.gates: list[Gate] = gated.gates
         self.gated = gated
-        graph = gradient_graph(with_loss(gated.model, spec), [g.input for g in self.gates],
-                               TOTAL_LOSS)
-        self.graph = graph
-        self.session = make_session(graph.model, threads=threads)
-        self.outputs = [SAMPLE_LOSS, *graph.gradients.values()]
+        model = with_loss(gated.model, spec)
+        self.traces = (gated.traced(analysis.trace),
+                       gated.traced(gated.batch_trace or analysis.trace))
+        freeze_shape_operands(model, *self.traces)
+        self.forward = model
+        self.threads = threads
+        # a Slice whose input carries the batch makes onnx-ad need a static shape: then one
+        # graph per batch size, else one graph for all
+        self.per_batch = declare_slice_shapes(_copy(model), *self.traces, None)
+        self.graphs: dict[int | None, tuple] = {}
+        if not self.per_batch:
+            self._graph(None)
+
+    def _graph(self, batch: int | None) -> tuple:
+        key = batch if self.per_batch else None
+        if key not in self.graphs:
+            model = _copy(self.forward)
+            declare_slice_shapes(model, *self.traces, key)
+            graph = gradient_graph(model, [g.input for g in self.gates], TOTAL_LOSS)
+            self.graphs[key] = (graph, make_session(graph.model, threads=self.threads))
+        return self.graphs[key]
+
+    @property
+    def graph(self):
+        return next(iter(self.graphs.values()))[0] if self.graphs else self._graph(1)[0]
 
     def __call__(self, inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray]
                  ) -> tuple[np.ndarray, dict[Gate, np.ndarray]]:
         batch = len(next(iter(inputs.values())))
+        graph, session = self._graph(batch)
         feeds = {**inputs, **targets, **self.gated.feeds(batch=batch),
-                 self.graph.seed: np.ones(1, np.float32)}
-        values = run(self.session, feeds, self.outputs)
+                 graph.seed: np.ones(1, np.float32)}
+        values = run(session, feeds, [SAMPLE_LOSS, *graph.gradients.values()])
         grads = {}
         for gate in self.gates:
-            value = values[self.graph.gradients[gate.input]]
+            value = values[graph.gradients[gate.input]]
             grads[gate] = gate.per_sample(value[..., 0], batch)
         return values[SAMPLE_LOSS], grads
 
@@ -91,6 +113,12 @@ class GradientStatistic:
             else:
                 out[gate] = value / max(self.count, 1)
         return out
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def send_dispersion(s: np.ndarray) -> np.ndarray:
