@@ -92,6 +92,14 @@ def calibration(model: onnx.ModelProto, calib: str | os.PathLike | CalibrationDa
     """Calibration data from a file (.npz/.npy/.csv), as given, or synthesised (data-free)."""
     if isinstance(calib, CalibrationData):
         return calib.take(samples) if samples and samples < calib.n_samples else calib
+    if calib is None:
+        for spec in input_specs(model):
+            loose = [d for d in spec.dims[1:] if not isinstance(d, int)]
+            if loose and spec.name not in (shapes or {}):
+                raise OnnxpruneError(
+                    f"input {spec.name!r} has dynamic dims {loose} besides the batch: without "
+                    f"--calib give its shape for the synthetic inputs, e.g. --shape "
+                    f"{spec.name}:1,{','.join('128' for _ in loose)}")
     return load_calibration(calib, model, samples=samples, seed=seed,
                             shapes=dict(shapes) if shapes else None)
 
