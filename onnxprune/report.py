@@ -149,7 +149,10 @@ def prune_summary(report) -> str:
     ]
     lines = [f"method {report.method}, granularity {report.granularity}, loss {report.loss}, "
              f"data {source}",
-             "removed " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing"),
+             "removed " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing")
+             + (f": {report.steps[-1].removed_fraction:.1%} of the prunable "
+                f"{'FLOPs' if report.target == 'flops' else 'parameters'}"
+                if report.steps else ""),
              f"{'':<12}{'before':>12}{'after':>12}{'change':>14}"]
     lines += [f"{a:<12}{b:>12}{c:>12}{d:>14}" for a, b, c, d in rows]
     for step in report.steps:
