@@ -126,7 +126,7 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
     data = calibration(model, calib, samples, seed, shapes)
     analysis = inspect(model, analysis_shapes(model, data, dict(shapes) if shapes else None))
     spec = choose_loss(model, data.targets, loss)
-    batches = Calibrated(model, data, spec, batch_size, threads)
+    batches = Calibrated(model, data, spec, batch_size, threads, seed)
     tick = (lambda done, total: progress(method, done, total)) if progress else None
     return compute_scores(analysis, batches, spec, method, kinds, ema=ema, seed=seed,
                           threads=threads, progress=tick)

@@ -24,7 +24,9 @@ from onnxprune.losses import (
     choose_loss,
     numpy_sample_loss,
     quality,
+    softmax,
     target_feeds,
+    target_name,
 )
 from onnxprune.plan import prunable_total, select
 from onnxprune.runtime import input_specs, make_session, run
@@ -125,11 +127,18 @@ class Report:
 
 
 class Calibrated:
-    """Calibration batches with loss-target feeds, and the original model's outputs."""
+    """Calibration batches with loss-target feeds, and the original model's outputs.
+
+    Self-distillation has its minimum at the original model, so its gradient there is zero
+    and says nothing. Gradient scores then use targets *sampled* from the model's own
+    predictive distribution (output + Gaussian noise of the output's spread; a class drawn
+    from the softmax): the mean squared per-sample gradient is then the true Fisher
+    information, i.e. the curvature of the distillation loss (``gradient_batches``)."""
 
     def __init__(self, model: onnx.ModelProto, calib: CalibrationData, spec: LossSpec,
-                 batch_size: int, threads: int):
+                 batch_size: int, threads: int, seed: int = 0):
         self.spec = spec
+        self.seed = seed
         session = make_session(model, threads=threads)
         self.batches: list[tuple[dict, dict]] = []
         self.raw_targets: list[dict] = []
@@ -147,6 +156,15 @@ class Calibrated:
     def __call__(self) -> list[tuple[dict, dict]]:
         return self.batches
 
+    def gradient_batches(self) -> list[tuple[dict, dict]]:
+        if not self.spec.distill:
+            return self.batches
+        rng = np.random.default_rng(self.seed)
+        out = []
+        for (inputs, _), reference in zip(self.batches, self.reference):
+            out.append((inputs, sampled_targets(self.spec, reference, rng)))
+        return out
+
     def evaluate(self, model: onnx.ModelProto, threads: int = 0) -> tuple[float, Quality]:
         """Mean calibration loss and the quality figure of ``model``."""
         session = make_session(model, threads=threads)
@@ -161,6 +179,23 @@ class Calibrated:
         reference = {k: np.concatenate([o[k] for o in self.reference]) for k in joined}
         return float(np.concatenate(losses).mean()), quality(self.spec, joined, targets,
                                                              reference)
+
+
+def sampled_targets(spec: LossSpec, outputs: dict[str, np.ndarray],
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Targets drawn from the model's predictive distribution at these outputs."""
+    feeds = {}
+    for name in spec.outputs:
+        y = np.asarray(outputs[name], dtype=np.float32)
+        if spec.kind == "ce":
+            p = softmax(y).reshape(-1, y.shape[-1]).astype(np.float64)
+            draws = [rng.choice(p.shape[1], p=row / row.sum()) for row in p]
+            value = np.eye(y.shape[-1], dtype=np.float32)[draws].reshape(y.shape)
+        else:
+            spread = float(y.std()) or 1.0
+            value = y + spread * rng.standard_normal(y.shape).astype(np.float32)
+        feeds[target_name(name)] = value
+    return feeds
 
 
 def analysis_shapes(model: onnx.ModelProto, calib: CalibrationData,
@@ -192,7 +227,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
         raise OnnxpruneError("no attention blocks found: onnxprune prunes transformer "
                              "attention and feed-forward blocks")
     spec = choose_loss(model, calib.targets, opts.loss)
-    data = Calibrated(model, calib, spec, opts.batch_size, opts.threads)
+    data = Calibrated(model, calib, spec, opts.batch_size, opts.threads, opts.seed)
     loss_before, quality_before = data.evaluate(model, opts.threads)
     total = prunable_total(first, opts.target)
     current, analysis = model, first

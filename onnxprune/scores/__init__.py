@@ -130,8 +130,8 @@ def _gradient_scores(analysis, batches, spec, method, gates, ema, threads, progr
             raise OnnxpruneError(f"--method send needs the softmax of each attention; "
                                  f"{', '.join(missing)} use a fused Attention op")
     grad = GradientPass(analysis, spec, gates, threads)
-    acc = GradientStatistic(method, ema)
-    data = batches()
+    acc = GradientStatistic(method, ema, first_order=not spec.distill)
+    data = getattr(batches, "gradient_batches", batches)()
     for n, (inputs, targets) in enumerate(data):
         _, grads = grad(inputs, targets)
         acc.update(grads)

@@ -80,9 +80,11 @@ class GradientStatistic:
     """Accumulates one gradient metric over batches; ``result()`` gives a score per gate
     (the per-unit vector for vector gates, a scalar for module and SEND gates)."""
 
-    def __init__(self, method: str, ema: float = 0.5):
+    def __init__(self, method: str, ema: float = 0.5, first_order: bool = True):
         self.method = method
         self.ema = ema
+        # with sampled (self-distillation) targets E[g] = 0: only the curvature term counts
+        self.first_order = first_order
         self.state: dict[Gate, np.ndarray] = {}
         self.count = 0
 
@@ -94,7 +96,9 @@ class GradientStatistic:
             elif self.method == "taylor":
                 value = np.abs(g).sum(axis=0)
             else:
-                value = -g.mean(axis=0) + 0.5 * (g ** 2).mean(axis=0)
+                value = 0.5 * (g ** 2).mean(axis=0)
+                if self.first_order:
+                    value = value - g.mean(axis=0)
             self._accumulate(gate, value, len(g))
         self.count += len(next(iter(grads.values()))) if grads else 0
 
