@@ -1,0 +1,94 @@
+"""Recovery fine-tuning in ONNX Runtime: weight gradients against finite differences, the
+loss goes down, divergence keeps the last good weights, partial training, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxprune.data import CalibrationData
+from onnxprune.errors import OnnxpruneError
+from onnxprune.finetune import FinetuneOptions, Trainer, finetune, trainable_weights
+from onnxprune.losses import choose_loss, target_feeds
+from onnxprune.runtime import make_session, run
+
+
+@pytest.fixture(scope="module")
+def task(export_cache):
+    """A small regression task the model can learn: its own outputs, scaled and shifted."""
+    info = export_cache("hf_bias", False, True)
+    model = onnx.load(info["path"])
+    x = info["make_input"](64)
+    (name, y), = run(make_session(model), {"x": x}).items()
+    data = CalibrationData({"x": x}, {name: 1.5 * y + 0.3}, "task", False)
+    return model, data
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_weight_gradients_match_finite_differences(task):
+    model, data = task
+    spec = choose_loss(model, data.targets)
+    names = trainable_weights(model, FinetuneOptions(steps=1))
+    inputs = {k: v[:8] for k, v in data.inputs.items()}
+    targets = target_feeds(spec, {k: v[:8] for k, v in data.targets.items()})
+    trainer = Trainer(model, spec, names, 0, inputs, 8)
+    _, grads = trainer.step(inputs, targets)
+    rng = np.random.default_rng(0)
+    for name in rng.choice(names, 4, replace=False):
+        index = tuple(rng.integers(0, s) for s in trainer.weights[name].shape)
+        original = trainer.weights[name][index]
+        losses = []
+        for delta in (1e-2, -1e-2):
+            trainer.weights[name][index] = original + delta
+            losses.append(trainer.loss([(inputs, targets)]))
+        trainer.weights[name][index] = original
+        fd = (losses[0] - losses[1]) / 2e-2
+        assert grads[name][index] == pytest.approx(fd, rel=5e-2, abs=2e-4), name
+
+
+def test_finetuning_lowers_the_training_loss(task):
+    model, data = task
+    result = finetune(model, data, data, FinetuneOptions(steps=40, lr=3e-3, batch_size=16,
+                                                         eval_every=10, patience=10))
+    assert result.steps == 40 and not result.stopped
+    assert np.mean(result.train_loss[-5:]) < 0.5 * np.mean(result.train_loss[:5])
+    assert result.val_loss[-1][1] < result.val_loss[0][1]
+    before = run(make_session(model), data.inputs)
+    after = run(make_session(result.model), data.inputs)
+    (name, target), = data.targets.items()
+    assert ((after[name] - target) ** 2).mean() < ((before[name] - target) ** 2).mean()
+
+
+def test_a_diverging_learning_rate_keeps_the_last_good_weights(task):
+    model, data = task
+    result = finetune(model, data, None, FinetuneOptions(steps=30, lr=1e6, batch_size=16,
+                                                         clip=0))
+    assert "stopped" in result.stopped and "--lr" in result.stopped
+    for value in _weights(result.model).values():
+        if np.issubdtype(value.dtype, np.floating):
+            assert np.isfinite(value).all()
+
+
+def test_norms_only_changes_only_one_dimensional_weights(task):
+    model, data = task
+    result = finetune(model, data, None, FinetuneOptions(steps=5, lr=1e-2, batch_size=16,
+                                                         trainable="norms"))
+    old, new = _weights(model), _weights(result.model)
+    changed = {k for k in old if not np.array_equal(old[k], new[k])}
+    assert changed and all(old[k].ndim == 1 for k in changed)
+
+
+def test_bad_input(task):
+    model, data = task
+    with pytest.raises(OnnxpruneError, match="targets"):
+        finetune(model, CalibrationData(data.inputs, {}, "x", False), None,
+                 FinetuneOptions(steps=1))
+    with pytest.raises(OnnxpruneError, match="exactly one"):
+        finetune(model, data, None, FinetuneOptions(steps=1, epochs=1))
+    with pytest.raises(OnnxpruneError, match="--lr"):
+        finetune(model, data, None, FinetuneOptions(steps=1, lr=-1.0))
