@@ -157,7 +157,7 @@ class Trainer:
         # static slice shapes only in the training graph: it runs at one batch size
         declare_slice_shapes(lossy, one, two, batch)
         self.graph = gradient_graph(lossy, list(self.weights), TOTAL_LOSS)
-        self.session = make_session(self.graph.model, threads=threads)
+        self.session = make_session(self.graph.model, threads=threads, arena=False)
         self.outputs = [SAMPLE_LOSS, *self.graph.gradients.values()]
 
     def step(self, inputs: dict, targets: dict) -> tuple[float, dict[str, np.ndarray]]:
