@@ -90,36 +90,44 @@ def freeze_shape_operands(model: onnx.ModelProto, *traces: Mapping[str, np.ndarr
     return len(frozen)
 
 
-def declare_slice_shapes(model: onnx.ModelProto, one: Mapping[str, np.ndarray],
-                         two: Mapping[str, np.ndarray], batch: int | None) -> bool:
-    """Give each Slice input whose shape inference lost it a declared shape (onnx-ad needs
-    a static one): the traced dims, the one that doubles between the batch-1 and batch-2
-    traces scaled to ``batch``. Returns whether any needed the batch (then the graph is
-    only valid at that batch size); with ``batch`` None only checks."""
+# ops whose reverse rule in onnx-ad needs static operand shapes: op -> operand positions
+_STATIC_OPERANDS = {"Slice": (0,), "Concat": None}
+
+
+def declare_static_shapes(model: onnx.ModelProto, one: Mapping[str, np.ndarray],
+                          two: Mapping[str, np.ndarray], batch: int | None) -> bool:
+    """Declare static shapes (onnx-ad needs them) for Slice and Concat operands whose shape
+    inference lost them: the traced dims, the one that doubles between the batch-1 and
+    batch-2 traces scaled to ``batch``. Returns whether any depends on the batch (then the
+    graph is only valid at that batch size); with ``batch`` None it only checks."""
     typed = onnx.shape_inference.infer_shapes(model)
     static = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input]
               if vi.type.tensor_type.HasField("shape")
               and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+    static |= {t.name for t in model.graph.initializer}
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in typed.graph.value_info}
     batch_bound = False
     for node in model.graph.node:
-        name = node.input[0] if node.op_type == "Slice" else None
-        if not name or name in static or name not in one or name not in two:
+        if node.op_type not in _STATIC_OPERANDS:
             continue
-        a, b = np.shape(one[name]), np.shape(two[name])
-        if len(a) != len(b):
-            continue
-        batch_bound |= a != b
-        if batch is None:
-            continue
-        dims = [x if x == y else x * batch for x, y in zip(a, b)]
-        kept = [vi for vi in model.graph.value_info if vi.name != name]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
-        model.graph.value_info.append(onnx.helper.make_tensor_value_info(
-            name, elem.get(name) or onnx.helper.np_dtype_to_tensor_dtype(
-                np.asarray(one[name]).dtype), dims))
-        static.add(name)
+        positions = _STATIC_OPERANDS[node.op_type] or range(len(node.input))
+        for name in (node.input[p] for p in positions if p < len(node.input)):
+            if not name or name in static or name not in one or name not in two:
+                continue
+            a, b = np.shape(one[name]), np.shape(two[name])
+            if len(a) != len(b):
+                continue
+            batch_bound |= a != b
+            if batch is None:
+                continue
+            dims = [x if x == y else x * batch for x, y in zip(a, b)]
+            kept = [vi for vi in model.graph.value_info if vi.name != name]
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(kept)
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                name, elem.get(name) or onnx.helper.np_dtype_to_tensor_dtype(
+                    np.asarray(one[name]).dtype), dims))
+            static.add(name)
     return batch_bound
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.autodiff import declare_slice_shapes, freeze_shape_operands, gradient_graph
+from onnxprune.autodiff import declare_static_shapes, freeze_shape_operands, gradient_graph
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, choose_loss, target_feeds, with_loss
@@ -155,7 +155,7 @@ class Trainer:
         lossy = with_loss(work, spec)
         self.eval_session = make_session(lossy, threads=threads)
         # static slice shapes only in the training graph: it runs at one batch size
-        declare_slice_shapes(lossy, one, two, batch)
+        declare_static_shapes(lossy, one, two, batch)
         self.graph = gradient_graph(lossy, list(self.weights), TOTAL_LOSS)
         self.session = make_session(self.graph.model, threads=threads, arena=False)
         self.outputs = [SAMPLE_LOSS, *self.graph.gradients.values()]

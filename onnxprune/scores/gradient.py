@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
-from onnxprune.autodiff import declare_slice_shapes, freeze_shape_operands, gradient_graph
+from onnxprune.autodiff import declare_static_shapes, freeze_shape_operands, gradient_graph
 from onnxprune.gates import Gate, gate_model
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, with_loss
 from onnxprune.runtime import make_session, run
@@ -44,7 +44,7 @@ class GradientPass:
         self.threads = threads
         # a Slice whose input carries the batch makes onnx-ad need a static shape: then one
         # graph per batch size, else one graph for all
-        self.per_batch = declare_slice_shapes(_copy(model), *self.traces, None)
+        self.per_batch = declare_static_shapes(_copy(model), *self.traces, None)
         self.graphs: dict[int | None, tuple] = {}
         if not self.per_batch:
             self._graph(None)
@@ -53,7 +53,7 @@ class GradientPass:
         key = batch if self.per_batch else None
         if key not in self.graphs:
             model = _copy(self.forward)
-            declare_slice_shapes(model, *self.traces, key)
+            declare_static_shapes(model, *self.traces, key)
             graph = gradient_graph(model, [g.input for g in self.gates], TOTAL_LOSS)
             self.graphs[key] = (graph, make_session(graph.model, threads=self.threads))
         return self.graphs[key]
