@@ -19,6 +19,8 @@ import onnx_graphsurgeon as gs
 from onnxprune.cut import apply_plan
 from onnxprune.data import CalibrationData, load_calibration
 from onnxprune.errors import OnnxpruneError
+from onnxprune.finetune import FinetuneOptions, FinetuneResult
+from onnxprune.finetune import finetune as run_finetune
 from onnxprune.gates import KINDS, GatedModel, gate_model
 from onnxprune.losses import choose_loss
 from onnxprune.modelio import load_model
@@ -130,3 +132,27 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
     tick = (lambda done, total: progress(method, done, total)) if progress else None
     return compute_scores(analysis, batches, spec, method, kinds, ema=ema, seed=seed,
                           threads=threads, progress=tick)
+
+
+def finetune(model: ModelLike, train: str | os.PathLike | CalibrationData,
+             val: str | os.PathLike | CalibrationData | None = None, *,
+             trainable: str = "all", names: tuple[str, ...] = (), progress=None,
+             **options) -> FinetuneResult:
+    """Recovery fine-tuning in ONNX Runtime; options: :class:`FinetuneOptions` fields."""
+    model = _as_model(model)
+    opts = FinetuneOptions(trainable=trainable, names=tuple(names), **options)
+    opts.check()
+    train_data = train if isinstance(train, CalibrationData) else load_calibration(
+        train, model, seed=opts.seed, split="train")
+    val_data = val if val is None or isinstance(val, CalibrationData) else load_calibration(
+        val, model, seed=opts.seed, split="val")
+    return run_finetune(model, train_data, val_data, opts, progress)
+
+
+def changed_weights(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]:
+    """Initializers the cut resized (new or reshaped float arrays): the weights and biases of
+    the pruned blocks."""
+    before = {t.name: tuple(t.dims) for t in original.graph.initializer}
+    return [t.name for t in pruned.graph.initializer
+            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+            and before.get(t.name) != tuple(t.dims)]

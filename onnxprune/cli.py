@@ -18,6 +18,7 @@ import sys
 from onnxprune import api
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import check_output_path, load_model, save_model
+from onnxprune.pipeline import Report
 from onnxprune.progress import ProgressBar
 from onnxprune.report import (
     human,
@@ -31,7 +32,7 @@ from onnxprune.report import (
 )
 from onnxprune.scores import GRANULARITIES, METHODS
 
-COMMANDS = ("inspect", "cut", "prune", "score")
+COMMANDS = ("inspect", "cut", "prune", "score", "finetune")
 EXIT_QUALITY_GATE = 3
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -88,9 +89,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         loss=args.loss, batch_size=args.batch_size, threads=args.threads,
         shapes=_shapes(args), progress=ProgressBar(args.quiet))
     print(prune_summary(report))
+    extra = {}
+    if args.ft_epochs or args.ft_steps:
+        pruned, report, extra = _recover(args, load_model(args.input), pruned, report)
     gate_failed = args.max_drop is not None and report.drop > args.max_drop
     if args.report:
-        write_json(args.report, {**report.to_json(), "input": args.input,
+        write_json(args.report, {**report.to_json(), **extra, "input": args.input,
                                  "output": None if gate_failed else args.output,
                                  "max_drop": args.max_drop, "gate_passed": not gate_failed})
         print(f"wrote report {args.report}")
@@ -102,6 +106,75 @@ def cmd_prune(args: argparse.Namespace) -> int:
     save_model(pruned, args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+def _finetune_options(args: argparse.Namespace, prefix: str = "") -> dict:
+    get = lambda name: getattr(args, prefix + name)  # noqa: E731
+    return {"epochs": get("epochs"), "steps": get("steps"), "lr": get("lr"),
+            "batch_size": args.ft_batch_size if prefix else args.batch_size,
+            "weight_decay": get("weight_decay"), "patience": get("patience"),
+            "seed": args.seed, "threads": args.threads}
+
+
+def _print_finetune(result) -> None:
+    first = result.train_loss[0] if result.train_loss else float("nan")
+    last = result.train_loss[-1] if result.train_loss else float("nan")
+    print(f"fine-tuned {result.trainable:,} weights for {result.steps} steps in "
+          f"{result.seconds:.1f} s: train loss {first:.4g} -> {last:.4g}")
+    if result.val_loss:
+        print(f"validation loss {result.val_loss[0][1]:.4g} -> best "
+              f"{min(v for _, v in result.val_loss):.4g} (step {result.best_step})")
+    if result.stopped:
+        print(f"note: {result.stopped}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    check_output_path(args.input, args.output)
+    model = load_model(args.input)
+    result = api.finetune(model, args.train, args.val, trainable=args.train_only,
+                          progress=ProgressBar(args.quiet), **_finetune_options(args))
+    _print_finetune(result)
+    save_model(result.model, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "", dest: str = "") -> None:
+    g = p.add_argument_group("fine-tuning" if not prefix else "recovery fine-tuning")
+    budget = g.add_mutually_exclusive_group(required=not prefix)
+    budget.add_argument(f"--{prefix}epochs", dest=f"{dest}epochs", type=int, metavar="E",
+                        help="passes over the training data")
+    budget.add_argument(f"--{prefix}steps", dest=f"{dest}steps", type=int, metavar="S",
+                        help="optimizer steps")
+    g.add_argument(f"--{prefix}lr", dest=f"{dest}lr", type=float, default=1e-4,
+                   help="peak learning rate (AdamW, warm-up then cosine; default 1e-4)")
+    g.add_argument(f"--{prefix}weight-decay", dest=f"{dest}weight_decay", type=float,
+                   default=0.01)
+    g.add_argument(f"--{prefix}patience", dest=f"{dest}patience", type=int, default=3,
+                   help="validations without improvement before stopping (default 3)")
+
+
+def _recover(args: argparse.Namespace, original, pruned, report: Report):
+    """The main job's optional fine-tuning after the cut; the metric is re-measured."""
+    if not args.train:
+        raise OnnxpruneError("--finetune-epochs/--finetune-steps need --train FILE")
+    names = api.changed_weights(original, pruned) if args.finetune_only == "pruned" else ()
+    trainable = "blocks" if args.finetune_only == "pruned" else args.finetune_only
+    result = api.finetune(pruned, args.train, args.val, trainable=trainable, names=names,
+                          progress=ProgressBar(args.quiet),
+                          **_finetune_options(args, "ft_"))
+    _print_finetune(result)
+    before = report.quality_after
+    report.loss_after, report.quality_after = report.calibration.evaluate(result.model)
+    print(f"{before.name} on the calibration data after fine-tuning: {before.value:.4g} -> "
+          f"{report.quality_after.value:.4g} (drop from the original {report.drop:+.2%})")
+    extra = {"finetune": {"steps": result.steps, "best_step": result.best_step,
+                          "seconds": round(result.seconds, 2), "trainable": result.trainable,
+                          "train_loss_first": result.train_loss[:1],
+                          "train_loss_last": result.train_loss[-1:],
+                          "val_loss": result.val_loss, "stopped": result.stopped,
+                          "metric_before_finetune": before.value}}
+    return result.model, report, extra
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -195,7 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality gate: exit 3 without writing the model when the metric "
                         "degrades by more than X (relative, e.g. 0.05)")
     add_scoring_options(p, shape_help)
+    add_finetune_options(p, "finetune-", "ft_")
+    p.add_argument("--train", metavar="FILE", help="training data for --finetune-*")
+    p.add_argument("--val", metavar="FILE", help="validation data for --finetune-*")
+    p.add_argument("--finetune-only", choices=["all", "norms", "pruned"], default="all",
+                   help="weights to fine-tune: all, norm scales and biases, or those of the "
+                        "pruned blocks")
+    p.add_argument("--finetune-batch-size", dest="ft_batch_size", type=int, default=32)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("finetune", help="recovery fine-tuning in ONNX Runtime (no torch)")
+    p.add_argument("input", help="ONNX file to fine-tune")
+    p.add_argument("output", help="where to write the model with trained weights")
+    p.add_argument("--train", required=True, metavar="FILE",
+                   help="training data with targets: .npz or time-series .csv (train split)")
+    p.add_argument("--val", metavar="FILE",
+                   help="validation data (a .csv uses its val split); picks the best "
+                        "checkpoint and stops early")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    p.add_argument("--train-only", choices=["all", "norms"], default="all",
+                   help="all weights (default) or only norm scales and biases (cheap)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_finetune_options(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("score", help="score every prunable unit; cut nothing")
     p.add_argument("model", help="ONNX file")

@@ -102,6 +102,7 @@ class Report:
     steps: list[StepRecord]
     scores: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    calibration: Calibrated | None = field(default=None, repr=False)   # to re-measure
 
     @property
     def drop(self) -> float:
@@ -264,7 +265,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                     first.structure.params, analysis.structure.params, first.structure.flops,
                     analysis.structure.flops, loss_before, loss_after, quality_before,
                     quality_after, time.perf_counter() - start, units, records, first_scores,
-                    opts.seed)
+                    opts.seed, data)
     return current, report
 
 

@@ -92,3 +92,66 @@ def test_bad_input(task):
         finetune(model, data, None, FinetuneOptions(steps=1, epochs=1))
     with pytest.raises(OnnxpruneError, match="--lr"):
         finetune(model, data, None, FinetuneOptions(steps=1, lr=-1.0))
+
+
+def _npz(path, data):
+    np.savez(path, **data.inputs, **data.targets)
+    return str(path)
+
+
+def test_finetune_command(task, tmp_path, capsys):
+    from onnxprune.cli import main
+
+    model, data = task
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    train = _npz(tmp_path / "train.npz", data)
+    out = tmp_path / "out.onnx"
+    assert main(["finetune", str(src), str(out), "--train", train, "--val", train,
+                 "--steps", "6", "--lr", "3e-3", "--batch-size", "16", "--quiet"]) == 0
+    assert out.exists() and "fine-tuned" in capsys.readouterr().out
+
+
+def test_main_job_with_recovery_fine_tuning(task, tmp_path, capsys):
+    import json
+
+    from onnxprune.cli import main
+
+    model, data = task
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    train = _npz(tmp_path / "train.npz", data)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main([str(src), str(out), "--ratio", "0.4", "--calib", train, "--report",
+                 str(report), "--finetune-steps", "5", "--finetune-lr", "1e-3", "--train",
+                 train, "--finetune-only", "pruned", "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["finetune"]["steps"] == 5 and result["finetune"]["trainable"] > 0
+    assert out.exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--finetune-steps", "2"], "--train"),
+])
+def test_main_job_fine_tuning_bad_input(task, tmp_path, capsys, extra, message):
+    from onnxprune.cli import main
+
+    model, _ = task
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    out = tmp_path / "out.onnx"
+    assert main([str(src), str(out), "--ratio", "0.3", *extra]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_finetune_rejects_mismatched_data(task, tmp_path, capsys):
+    from onnxprune.cli import main
+
+    model, _ = task
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((8, 3, 3), np.float32), y=np.zeros((8, 2), np.float32))
+    assert main(["finetune", str(src), str(tmp_path / "o.onnx"), "--train", str(bad),
+                 "--steps", "2"]) == 2
+    assert "x" in capsys.readouterr().err
