@@ -114,29 +114,43 @@ def with_loss(model: onnx.ModelProto, spec: LossSpec) -> onnx.ModelProto:
         declared.CopyFrom(by_name[name])
         declared.name = target
         graph.input.append(declared)
-        terms.append(_sample_loss(graph, spec.kind, name, target, rank, f"onnxprune.loss{i}"))
+        terms.append(_sample_loss(graph, spec.kind, name, target, rank, f"onnxprune.loss{i}",
+                                  _opset(out)))
     if len(terms) == 1:
         graph.node.append(helper.make_node("Identity", terms, [SAMPLE_LOSS]))
     else:
         graph.node.append(helper.make_node("Sum", terms, [SAMPLE_LOSS]))
-    graph.node.append(helper.make_node("ReduceSum", [SAMPLE_LOSS], [TOTAL_LOSS], keepdims=0))
+    graph.node.append(helper.make_node("ReduceSum", [SAMPLE_LOSS], [TOTAL_LOSS], keepdims=0)
+                      if _opset(out) >= 13 else
+                      helper.make_node("ReduceSum", [SAMPLE_LOSS], [TOTAL_LOSS], axes=[0],
+                                       keepdims=0))
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(SAMPLE_LOSS, TensorProto.FLOAT, ["N"]),
                          helper.make_tensor_value_info(TOTAL_LOSS, TensorProto.FLOAT, [])])
     return out
 
 
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+
+
 def _sample_loss(graph: onnx.GraphProto, kind: str, output: str, target: str, rank: int,
-                 prefix: str) -> str:
+                 prefix: str, opset: int) -> str:
     def node(op: str, inputs: list[str], suffix: str, **attrs) -> str:
         name = f"{prefix}.{suffix}"
         graph.node.append(helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
+    def reduce(op: str, x: str, axes: list[int], suffix: str) -> str:
+        # axes became an input in ReduceSum-13 and ReduceMean-18
+        if opset >= (13 if op == "ReduceSum" else 18):
+            return node(op, [x, _axes(graph, prefix, axes)], suffix, keepdims=0)
+        return node(op, [x], suffix, axes=axes, keepdims=0)
+
     if kind == "ce":
         logp = node("LogSoftmax", [output], "logp", axis=-1)
         term = node("Mul", [target, logp], "tlogp")
-        total = node("ReduceSum", [term, _axes(graph, prefix, [-1])], "sum", keepdims=0)
+        total = reduce("ReduceSum", term, [-1], "sum")
         per = node("Neg", [total], "ce")
         rank -= 1
     else:
@@ -144,8 +158,7 @@ def _sample_loss(graph: onnx.GraphProto, kind: str, output: str, target: str, ra
         per = node("Mul", [diff, diff], "sq") if kind == "mse" else node("Abs", [diff], "abs")
     if rank <= 1:
         return per
-    return node("ReduceMean", [per, _axes(graph, prefix, list(range(1, rank)))], "mean",
-                keepdims=0)
+    return reduce("ReduceMean", per, list(range(1, rank)), "mean")
 
 
 def _axes(graph: onnx.GraphProto, prefix: str, axes: list[int]) -> str:

@@ -143,3 +143,16 @@ def test_bad_calibration(small, tmp_path, capsys, arrays, message):
 def test_output_equal_to_input_is_refused(small, capsys):
     assert main([small["path"], small["path"], "--ratio", "0.3"]) == 2
     assert "input" in _error(capsys)
+
+
+def test_hf_encoder_at_opset_17_prunes_data_free(tmp_path):
+    """Loss subgraphs must follow the model's opset (ReduceMean took axes as an input only
+    from opset 18)."""
+    from hf_forms import export_hf
+
+    info = export_hf("bert_eager", str(tmp_path / "bert17.onnx"), dynamo=False, opset=17)
+    shape = info["input"].shape
+    model, report = onnxprune.prune(info["path"], 0.4, samples=8, batch_size=4,
+                                    shapes={"x": (1, *shape[1:])})
+    assert report.params_after < report.params_before
+    onnx.checker.check_model(model)

@@ -42,32 +42,38 @@ class GradientPass:
         freeze_shape_operands(model, *self.traces)
         self.forward = model
         self.threads = threads
-        # a Slice whose input carries the batch makes onnx-ad need a static shape: then one
-        # graph per batch size, else one graph for all
-        self.per_batch = declare_static_shapes(_copy(model), *self.traces, None)
-        self.graphs: dict[int | None, tuple] = {}
-        if not self.per_batch:
-            self._graph(None)
+        self.graphs: dict[tuple, tuple] = {}
 
-    def _graph(self, batch: int | None) -> tuple:
-        key = batch if self.per_batch else None
+    def _graph(self, feeds: Mapping[str, np.ndarray]) -> tuple:
+        """The gradient graph for these feed shapes. Each batch size gets its own graph with
+        every input shape static: onnx-ad then needs no shape arithmetic for its adjoints,
+        ONNX Runtime folds the rest, and Slice/Concat rules get the static shapes they need
+        (calibration uses one batch size, plus at most one smaller last batch)."""
+        key = tuple(sorted((k, v.shape) for k, v in feeds.items()))
         if key not in self.graphs:
             model = _copy(self.forward)
-            declare_static_shapes(model, *self.traces, key)
+            batch = len(next(iter(feeds.values())))
+            for vi in model.graph.input:
+                if vi.name in feeds:
+                    shape = vi.type.tensor_type.shape
+                    shape.Clear()
+                    for size in feeds[vi.name].shape:
+                        shape.dim.add().dim_value = int(size)
+            declare_static_shapes(model, *self.traces, batch)
             graph = gradient_graph(model, [g.input for g in self.gates], TOTAL_LOSS)
             self.graphs[key] = (graph, make_session(graph.model, threads=self.threads))
         return self.graphs[key]
 
     @property
     def graph(self):
-        return next(iter(self.graphs.values()))[0] if self.graphs else self._graph(1)[0]
+        return next(iter(self.graphs.values()))[0]
 
     def __call__(self, inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray]
                  ) -> tuple[np.ndarray, dict[Gate, np.ndarray]]:
         batch = len(next(iter(inputs.values())))
-        graph, session = self._graph(batch)
-        feeds = {**inputs, **targets, **self.gated.feeds(batch=batch),
-                 graph.seed: np.ones(1, np.float32)}
+        feeds = {**inputs, **targets, **self.gated.feeds(batch=batch)}
+        graph, session = self._graph(feeds)
+        feeds[graph.seed] = np.ones(1, np.float32)
         values = run(session, feeds, [SAMPLE_LOSS, *graph.gradients.values()])
         grads = {}
         for gate in self.gates:
