@@ -225,12 +225,12 @@ def timing(args) -> None:
 # --- 3. accuracy sweep ----------------------------------------------------------------
 
 
-def cells(models, methods) -> list[tuple]:
+def cells(models, methods, grans=GRANS) -> list[tuple]:
     out = []
     for name in models:
         out.append((name, "dense", "-", 0))
         for method in methods:
-            for gran in GRANS:
+            for gran in grans:
                 try:
                     check_method(method, gran)
                 except OnnxpruneError:
@@ -294,7 +294,7 @@ def accuracy(args) -> None:
         return
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, cores() // jobs)
-    todo = cells(args.models, args.methods)
+    todo = cells(args.models, args.methods, args.granularities)
     results: list[dict] = []
     saved = {"runs": [{"command": " ".join(sys.argv), "machine": machine(), "jobs": jobs,
                        "threads_per_job": threads, "ratios": args.ratios}],
@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="export opset (17 fails: the loss subgraph uses ReduceMean-18)")
     p = add("accuracy", accuracy)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--granularities", nargs="+", choices=GRANS, default=list(GRANS))
     p.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="per job (default cores / jobs)")
