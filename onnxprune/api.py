@@ -156,3 +156,25 @@ def changed_weights(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[
     return [t.name for t in pruned.graph.initializer
             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
             and before.get(t.name) != tuple(t.dims)]
+
+
+def evaluate(model: ModelLike, data: str | os.PathLike | CalibrationData,
+             metric: str | None = None, batch_size: int = 256, **options) -> dict:
+    """Metrics of ``model`` on labelled ``data`` (a ``.csv`` is read at its test split):
+    ``{"model", "data", "samples", "metrics", "seconds"}``. Options: ``samples``, ``seed``,
+    ``shapes``, ``threads``; see :func:`onnxprune.evaluate.evaluate`."""
+    from onnxprune.evaluate import evaluate as run_evaluate
+
+    return run_evaluate(model, data, metric, batch_size, **options)
+
+
+def bench(models: Iterable[str | os.PathLike], batches: Iterable[int] = (1,),
+          threads: Iterable[int] = (1,), provider: str = "cpu", warmup: int = 10,
+          runs: int = 100, **options) -> list:
+    """Latency, throughput, size, params, FLOPs and peak memory of each model file at each
+    batch × thread count, runs interleaved across the models, ratios against the first:
+    a list of :class:`onnxprune.bench.BenchRow`. Options: ``shapes``, ``memory``,
+    ``progress``; see :func:`onnxprune.bench.bench`."""
+    from onnxprune.bench import bench as run_bench
+
+    return run_bench(list(models), batches, threads, provider, warmup, runs, **options)

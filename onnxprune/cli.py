@@ -3,6 +3,8 @@
     onnxprune IN.onnx OUT.onnx --ratio 0.5 [options]     the main job (= onnxprune prune ...)
     onnxprune score MODEL [--json] [--plot FILE.png]     every unit's score, nothing cut
     onnxprune inspect MODEL | onnxprune cut IN OUT --remove UNITS
+    onnxprune eval MODEL --data FILE [--json]           metrics on a labelled dataset
+    onnxprune bench MODEL [MODEL ...] [--json FILE]      latency, size, FLOPs, memory
 
 Exit codes: 0 success, 1 internal error (a bug: please report), 2 bad input or a model that
 cannot be pruned as asked, 3 the quality gate (--max-drop) failed: report written, model
@@ -32,7 +34,7 @@ from onnxprune.report import (
 )
 from onnxprune.scores import GRANULARITIES, METHODS
 
-COMMANDS = ("inspect", "cut", "prune", "score", "finetune")
+COMMANDS = ("inspect", "cut", "prune", "score", "finetune", "eval", "bench")
 EXIT_QUALITY_GATE = 3
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -194,6 +196,81 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+        if not values or any(v < 1 for v in values):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected positive integers separated by commas, e.g. 1,8") from None
+    return values
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    result = api.evaluate(args.model, args.data, metric=args.metric,
+                          batch_size=args.batch_size, samples=args.samples, seed=args.seed,
+                          shapes=_shapes(args), threads=args.threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    split = " (test split)" if str(args.data).lower().endswith(".csv") else ""
+    width = max(len("model"), *(len(name) for name in result["metrics"]))
+    print(f"{'model':<{width}}  {result['model']}")
+    print(f"{'data':<{width}}  {result['data']}{split}, {result['samples']} samples")
+    for name, value in result["metrics"].items():
+        print(f"{name:<{width}}  {value:.4f}")
+    print(f"{result['seconds']:.1f} s")
+    return 0
+
+
+def _bench_table(rows) -> str:
+    from onnxprune.bench import short_names
+
+    names = dict(zip(dict.fromkeys(r.model for r in rows),
+                     short_names(list(dict.fromkeys(r.model for r in rows)))))
+    width = max(len("model"), *(len(n) for n in names.values()))
+    head = (f"{'model':<{width}} {'batch':>5} {'thr':>3} {'p50 ms':>8} {'p90 ms':>8} "
+            f"{'p99 ms':>8} {'mean ms':>8} {'samples/s':>10} {'size MB':>8} {'params':>8} "
+            f"{'FLOPs':>8} {'peak MB':>8} {'+model':>7} {'speed-up':>8} {'size':>6} "
+            f"{'FLOPs':>6}")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{names[r.model]:<{width}} {r.batch:>5} {r.threads:>3} {r.latency_p50_ms:>8.3f} "
+            f"{r.latency_p90_ms:>8.3f} {r.latency_p99_ms:>8.3f} {r.latency_mean_ms:>8.3f} "
+            f"{r.throughput:>10.1f} {r.file_bytes / 1e6:>8.2f} {human(r.params):>8} "
+            f"{human(r.flops):>8} {r.peak_rss_mb:>8.1f} {r.model_rss_mb:>7.1f} "
+            f"{r.speedup:>7.2f}x {r.size_ratio:>6.3f} {r.flops_ratio:>6.3f}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from onnxprune.bench import check_plot, plot_bench
+
+    for out in (args.json, args.plot):
+        if out:
+            for model in args.models:
+                check_output_path(model, out)
+    if args.plot:
+        check_plot()
+    say = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    rows = api.bench(args.models, args.batch, args.threads, args.provider, args.warmup,
+                     args.runs, shapes=_shapes(args), memory=not args.no_memory, progress=say)
+    print(f"{rows[0].provider}, {rows[0].warmup} warm-up + {rows[0].runs} timed runs per "
+          f"model, interleaved; ratios against {rows[0].model}")
+    print(_bench_table(rows))
+    if args.json:
+        from onnxprune.bench import rows_json
+
+        write_json(args.json, rows_json(rows))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_bench(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
     g = p.add_argument_group("scoring")
     g.add_argument("--calib", metavar="FILE",
@@ -301,6 +378,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the per-layer sensitivity heatmap (needs matplotlib)")
     add_scoring_options(p, shape_help)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="metrics of a model on a labelled dataset")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="data with targets: .npz keyed by input and output names, or a "
+                        "time-series .csv (its test split)")
+    p.add_argument("--metric", choices=["mse", "mae", "acc"],
+                   help="default: inferred from the targets (integer class ids: acc and "
+                        "cross-entropy; float values: mse and mae)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    p.add_argument("--samples", type=int, metavar="N", help="a seeded subset of N samples")
+    p.add_argument("--seed", type=int, default=0, help="seed for --samples")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
+    p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
+                   help=shape_help)
+    p.add_argument("--json", action="store_true",
+                   help='print {"model", "data", "samples", "metrics", "seconds"} as JSON')
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "bench", help="latency, throughput, size, params, FLOPs and memory of models",
+        description="Benchmark models as deployed: ONNX Runtime with graph optimisation "
+                    "level ALL, intra-op threads pinned, inter-op 1, sequential execution, "
+                    "synthetic inputs. Timed runs of the models are interleaved (A, B, A, "
+                    "B, ...) so machine noise hits all alike; ratios are against the first "
+                    "model at the same batch and threads.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files; the first is the "
+                   "reference for the ratios")
+    p.add_argument("--batch", type=parse_counts, default=[1], metavar="B[,B...]",
+                   help="batch sizes (default 1)")
+    p.add_argument("--threads", type=parse_counts, default=[1], metavar="T[,T...]",
+                   help="intra-op thread counts (default 1)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="auto: CUDA when onnxruntime offers it, else CPU (default cpu)")
+    p.add_argument("--warmup", type=int, default=10, metavar="N",
+                   help="untimed runs per model first (default 10)")
+    p.add_argument("--runs", type=int, default=100, metavar="N",
+                   help="timed runs per model (default 100)")
+    p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
+                   help="shape for inputs with dynamic dims besides the batch (its batch "
+                        "entry is replaced by --batch; other dynamic dims default to 1)")
+    p.add_argument("--json", metavar="FILE", help="write every field of every row as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw latency and FLOPs side by side (needs matplotlib)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory measurement (peak MB columns 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.epilog = ("peak MB: the peak resident set (VmHWM) of a fresh child process per model, "
+                "batch and thread count that loads the model, creates the session and runs "
+                "it 3 times (interpreter and ONNX Runtime included); +model: its increase "
+                "over the process before loading the model. Host memory only.")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
