@@ -16,6 +16,7 @@ import onnx
 import onnx_ad
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.seed_axis import speed_up_seed_axis
 
 SEED_PREFIX = "adj_"
 
@@ -55,7 +56,7 @@ def gradient_graph(model: onnx.ModelProto, wrt: Sequence[str], output: str) -> G
     del adjoint.graph.output[:]
     adjoint.graph.output.extend(outputs)
     drop_dead_nodes(adjoint)
-    squeeze_unit_transposes(adjoint)
+    speed_up_seed_axis(adjoint)
     return GradientGraph(adjoint, seed, {x: SEED_PREFIX + x for x in wrt})
 
 
@@ -129,45 +130,6 @@ def declare_static_shapes(model: onnx.ModelProto, one: Mapping[str, np.ndarray],
                     np.asarray(one[name]).dtype), dims))
             static.add(name)
     return batch_bound
-
-
-def squeeze_unit_transposes(model: onnx.ModelProto) -> int:
-    """Rewrite Transposes that only move axes of size 1 (onnx-ad's seed axis, mostly) as
-    Squeeze + Unsqueeze, which move no data. Returns how many. In place."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    if opset < 13:
-        return 0
-    typed = onnx.shape_inference.infer_shapes(model)
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None
-                        for d in vi.type.tensor_type.shape.dim]
-              for vi in [*typed.graph.value_info, *typed.graph.input]
-              if vi.type.tensor_type.HasField("shape")}
-    nodes, count = [], 0
-    for node in model.graph.node:
-        shape = shapes.get(node.input[0]) if node.op_type == "Transpose" else None
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        if shape is None or perm is None or len(perm) != len(shape):
-            nodes.append(node)
-            continue
-        moving = [p for p in perm if shape[p] != 1]
-        units = [a for a in range(len(shape)) if shape[a] == 1]
-        if moving != sorted(moving) or not units:
-            nodes.append(node)
-            continue
-        out_units = [j for j, p in enumerate(perm) if shape[p] == 1]
-        base = f"{node.output[0]}.unit"
-        model.graph.initializer.extend([
-            onnx.numpy_helper.from_array(np.array(units, np.int64), f"{base}.in_axes"),
-            onnx.numpy_helper.from_array(np.array(out_units, np.int64), f"{base}.out_axes")])
-        nodes.append(onnx.helper.make_node("Squeeze", [node.input[0], f"{base}.in_axes"],
-                                           [f"{base}.squeezed"], name=f"{base}.squeeze"))
-        nodes.append(onnx.helper.make_node("Unsqueeze", [f"{base}.squeezed",
-                                                         f"{base}.out_axes"],
-                                           list(node.output), name=f"{base}.unsqueeze"))
-        count += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return count
 
 
 def drop_dead_nodes(model: onnx.ModelProto) -> None:
