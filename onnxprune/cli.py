@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnxprune",
         description="Structured pruning of attention and feed-forward blocks in ONNX models.",
         usage="onnxprune IN.onnx OUT.onnx --ratio R [options]\n"
-              "       onnxprune {inspect,cut,prune,score} ...",
+              "       onnxprune {inspect,cut,prune,score,finetune,eval,bench} ...",
         epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 3 quality gate "
                "(--max-drop) failed, 4 verification failed")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
