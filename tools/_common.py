@@ -80,3 +80,9 @@ def onnx_forecast_metrics(
         ab += float(np.abs(pred - yb).sum())
         n += yb.size
     return {"mse": sq / n, "mae": ab / n}
+
+
+def print_row(row: dict) -> None:
+    """One line of a training log: key=value pairs, floats to 4 significant digits."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in row.items()), flush=True)

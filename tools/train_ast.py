@@ -24,6 +24,7 @@ from _common import (
     Clock,
     command_line,
     default_data_dir,
+    print_row,
     require,
     seed_everything,
     write_json,
@@ -145,12 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             "elapsed_s": round(clock.elapsed(), 1),
         }
         history.append(row)
-        print(
-            " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-            ),
-            flush=True,
-        )
+        print_row(row)
         if row["val_acc"] > best["val_acc"]:
             best, bad = (
                 {

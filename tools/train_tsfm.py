@@ -34,6 +34,7 @@ from _common import (
     command_line,
     default_data_dir,
     onnx_forecast_metrics,
+    print_row,
     require,
     seed_everything,
     write_json,
@@ -161,12 +162,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                 "elapsed_s": round(clock.elapsed(), 1),
             }
             history.append(row)
-            print(
-                " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                ),
-                flush=True,
-            )
+            print_row(row)
             running, logged = 0.0, step
             if args.max_minutes and clock.elapsed() / 60 * (step + 50) / step > args.max_minutes:
                 print(f"time budget: stopping at step {step} of {args.steps}")
