@@ -143,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path)
+    p.add_argument("--methods", nargs="+", default=["fisher"],
+                   help="scores for the tsfm experiment (default fisher)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.35, 0.5],
+                   help="ratios for the tsfm experiment")
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.experiment == "tsfm":
         rows = forecaster(args, "tsfm_small", [
-            (f"fisher auto {r:.0%}", r, "auto", "fisher") for r in (0.2, 0.35, 0.5)])
+            (f"{m} auto {r:.0%}", r, "auto", m) for m in args.methods
+            for r in args.ratios])
         metric = "ETTh1 test MSE"
     elif args.experiment == "patchtst":
         rows = forecaster(args, "patchtst_etth1", [
