@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.autodiff import declare_static_shapes, freeze_shape_operands, gradient_graph
-from onnxprune.data import CalibrationData
+from onnxprune.data import CalibrationData, static_batch
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, choose_loss, target_feeds, with_loss
 from onnxprune.runtime import make_session, run, trace
@@ -142,9 +142,10 @@ class Trainer:
         work.CopyFrom(model)
         flatten_weight_matmuls(work, set(names))
         # onnx-ad needs constant slice bounds and static slice shapes: read both from
-        # traces at batch 1 and 2, and build the graph for the training batch size
-        one = trace(work, {k: v[:1] for k, v in example.items()})
-        two = trace(work, {k: v[:2] for k, v in example.items()})
+        # traces at batch 1 and 2 (a batch baked into the graph: at that batch only), and
+        # build the graph for the training batch size
+        sizes = (batch, batch) if static_batch(model) else (1, 2)
+        one, two = (trace(work, {k: v[:n] for k, v in example.items()}) for n in sizes)
         freeze_shape_operands(work, one, two)
         kept = [t for t in work.graph.initializer if t.name not in self.weights]
         del work.graph.initializer[:]
@@ -243,7 +244,7 @@ def finetune(model: onnx.ModelProto, train: CalibrationData, val: CalibrationDat
     if not names:
         raise OnnxpruneError(f"no trainable weights for --train-only {opts.trainable}")
     batch = train.fixed_batch or min(opts.batch_size, train.n_samples)
-    example = {k: v[:2] for k, v in train.inputs.items()}
+    example = {k: v[:max(batch, 2)] for k, v in train.inputs.items()}
     trainer = Trainer(model, spec, names, opts.threads, example, batch)
     steps_per_epoch = max(1, train.n_samples // batch)
     total = opts.steps or opts.epochs * steps_per_epoch

@@ -155,3 +155,51 @@ def test_finetune_rejects_mismatched_data(task, tmp_path, capsys):
     assert main(["finetune", str(src), str(tmp_path / "o.onnx"), "--train", str(bad),
                  "--steps", "2"]) == 2
     assert "x" in capsys.readouterr().err
+
+
+def _matmul_then(op: str, batch: int, **attrs) -> onnx.ModelProto:
+    """x [batch, 2, 8, 8] -> MatMul(w) -> ``op`` -> y: a static-batch model with one weight."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")]
+    operands = ["h"]
+    if op == "GridSample":
+        grid = rng.uniform(-1, 1, size=(batch, 8, 8, 2)).astype(np.float32)
+        inits.append(numpy_helper.from_array(grid, "grid"))
+        operands.append("grid")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node(op, operands, ["y"], **attrs)]
+    shape = [batch, 2, 8, 8]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def _static_batch_data(batch: int) -> CalibrationData:
+    x = np.random.default_rng(1).normal(size=(4 * batch, 2, 8, 8)).astype(np.float32)
+    return CalibrationData({"x": x}, {"y": 0.5 * x}, "task", False, batch)
+
+
+def test_a_static_batch_model_fine_tunes_at_its_batch():
+    data = _static_batch_data(4)
+    result = finetune(_matmul_then("Relu", 4), data, data,
+                      FinetuneOptions(steps=40, lr=5e-2, warmup=0, eval_every=10))
+    assert result.steps == 40
+    assert result.val_loss[-1][1] < 0.5 * result.val_loss[0][1]
+
+
+def test_an_op_without_a_gradient_is_named(tmp_path, capsys):
+    from onnxprune.cli import main
+
+    model = _matmul_then("GridSample", 1, mode="cubic")
+    src = tmp_path / "in.onnx"
+    onnx.save(model, str(src))
+    train = _npz(tmp_path / "train.npz", _static_batch_data(1))
+    out = tmp_path / "out.onnx"
+    assert main(["finetune", str(src), str(out), "--train", train, "--steps", "2",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "GridSample" in err
+    assert not out.exists()

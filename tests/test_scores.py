@@ -229,3 +229,28 @@ def test_data_free_fisher_agrees_with_ablation(export_cache):
     assert a.min() > 1e-8                      # not the numerical noise of a zero gradient
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     assert np.corrcoef(rank(a), rank(b))[0, 1] > 0.6
+
+
+def test_no_gradient_falls_back_to_forward_scores(export_cache, monkeypatch):
+    """When onnx-ad cannot differentiate an op, fisher falls back to ablation (heads) and
+    stat (channels) and says so, naming the op; send, which has no fallback, fails."""
+    import onnx_ad
+
+    from onnxprune.errors import OnnxpruneError
+
+    def refuse(*args, **kwargs):
+        raise onnx_ad.UnsupportedOperator("no reverse rule for FancyOp (node 'n0')")
+
+    monkeypatch.setattr(onnx_ad, "reverse", refuse)
+    model, analysis, calib, spec = _setup(export_cache, "hf_bias", batch=8)
+    data = Calibrated(model, calib, spec, 8, 0)
+    scores = compute_scores(analysis, data, spec, "fisher", {"head", "ch"})
+    assert len(scores.fallbacks) == 1 and "FancyOp" in scores.fallbacks[0]
+    exact = compute_scores(analysis, data, spec, "ablation", {"head"}).values
+    for name, values in exact.items():
+        assert np.allclose(scores.values[name], values)
+    stat = compute_scores(analysis, data, spec, "stat", {"ch"}).values
+    channels = [key for key in scores.values if key[1] == "ch"]
+    assert channels and all(np.allclose(scores.values[k], stat[k]) for k in channels)
+    with pytest.raises(OnnxpruneError, match="FancyOp"):
+        compute_scores(analysis, data, spec, "send", {"attn"})
