@@ -144,8 +144,10 @@ class Trainer:
         # onnx-ad needs constant slice bounds and static slice shapes: read both from
         # traces at batch 1 and 2 (a batch baked into the graph: at that batch only), and
         # build the graph for the training batch size
-        sizes = (batch, batch) if static_batch(model) else (1, 2)
-        one, two = (trace(work, {k: v[:n] for k, v in example.items()}) for n in sizes)
+        if static_batch(model):
+            one = two = trace(work, {k: v[:batch] for k, v in example.items()})
+        else:
+            one, two = (trace(work, {k: v[:n] for k, v in example.items()}) for n in (1, 2))
         freeze_shape_operands(work, one, two)
         kept = [t for t in work.graph.initializer if t.name not in self.weights]
         del work.graph.initializer[:]
