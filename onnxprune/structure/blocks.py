@@ -1,5 +1,5 @@
-"""Attention and feed-forward blocks: anchors found by small patterns, everything else by the
-coupled-axis engine (axes.py)."""
+"""Attention and feed-forward blocks: anchors found by small patterns (attention forms in
+``onnxprune.ops``), everything else by the coupled-axis engine (axes.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import NotPrunableError
+from onnxprune.ops import AttentionAnchors, form_for
 from onnxprune.structure.axes import Flow, LabelPropagator, column_labels
 from onnxprune.structure.cost import const_size, node_flops
 from onnxprune.structure.graph import ELEMENTWISE, LAYOUT, NONLINEAR, GraphView
 
-_SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Dropout"})
 _OUTPUT_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze",
                          "Unsqueeze", "Identity", "Dropout", "Cast", "Flatten"})
 
@@ -186,21 +186,12 @@ class BlockFinder:
         return 0
 
     # -- attention ------------------------------------------------------------------------
-    def attention(self, anchor: gs.Node) -> AttentionBlock | None:
-        """An attention block anchored at a Softmax (between Q·Kᵀ and A·V matmuls) or at a
-        fused ONNX Attention node."""
-        if anchor.op == "Attention":
-            qk = av = anchor
-            q_in, k_in, v_in = anchor.inputs[:3]
-        else:
-            qk = self._walk_back_matmul(anchor.inputs[0])
-            av = self._walk_forward_matmul(anchor.outputs[0].name)
-            if qk is None or av is None:
-                return None
-            q_in, k_in, v_in = qk.inputs[0], qk.inputs[1], av.inputs[1]
-        q_src = self.projection_above(q_in)
-        k_src = self.projection_above(k_in)
-        v_src = self.projection_above(v_in)
+    def attention(self, anchor: gs.Node, found: AttentionAnchors) -> AttentionBlock:
+        """The attention block at ``anchor``, whose form found its contractions and q/k/v."""
+        qk, av = found.qk, found.av
+        q_src = self.projection_above(found.q)
+        k_src = self.projection_above(found.k)
+        v_src = self.projection_above(found.v)
         block = AttentionBlock("", "attention", anchor.name, {}, None)
         if len(q_src) != 1 or len(k_src) != 1 or len(v_src) != 1:
             block.prunable, block.reason = False, "query/key/value projections not found"
@@ -220,30 +211,6 @@ class BlockFinder:
         self.residual_of(block, block.o_proj, inputs)
         self._cost(block, [])
         return block
-
-    def _walk_back_matmul(self, tensor: gs.Tensor) -> gs.Node | None:
-        """The Q·Kᵀ matmul above a softmax, through scaling, masking and casts."""
-        def follow(node: gs.Node) -> list[str]:
-            return [t.name for t in self.view.data_inputs(node)] if node.op in _SCORE_OPS \
-                else []
-
-        for node in self.view.walk_up(tensor.name, follow, 16):
-            if node is not None and node.op == "MatMul" and len(self.view.data_inputs(node)) == 2:
-                return node
-        return None
-
-    def _walk_forward_matmul(self, tensor: str) -> gs.Node | None:
-        for _ in range(6):
-            users = self.view.consumers.get(tensor, [])
-            for user in users:
-                if user.op == "MatMul" and user.inputs[0].name == tensor \
-                        and len(self.view.data_inputs(user)) == 2:
-                    return user
-            passing = [u for u in users if u.op in _SCORE_OPS]
-            if len(passing) != 1:
-                return None
-            tensor = passing[0].outputs[0].name
-        return None
 
     def _attention_heads(self, block: AttentionBlock, qk: str, av: str) -> None:
         flow = block.flow
@@ -382,12 +349,18 @@ def _activation_name(ops: set[str], gated: bool) -> str:
     return f"{name}-gated" if gated else name
 
 
+def attention_anchors(view: GraphView, node: gs.Node) -> AttentionAnchors | None:
+    """What the attention form anchored at ``node``'s op finds there, if any."""
+    form = form_for(node, view.opset)
+    return None if form is None else form.anchors(view, node)
+
+
 def find_blocks(view: GraphView, trace: dict[str, np.ndarray]) -> list[Block]:
     """All attention blocks, then feed-forward blocks among the remaining projections,
     numbered in topological order."""
     finder = BlockFinder(view, trace)
-    attention = [b for n in view.nodes if n.op in ("Softmax", "Attention")
-                 if (b := finder.attention(n)) is not None]
+    attention = [finder.attention(n, found) for n in view.nodes
+                 if (found := attention_anchors(view, n)) is not None]
     claimed = set().union(*(b.nodes for b in attention)) if attention else set()
     ffn = []
     for node in view.nodes:

@@ -1,39 +1,23 @@
-"""Parameter and FLOP counts. FLOPs count 2 per multiply-accumulate of MatMul, Gemm and Conv
-at the traced input shapes; elementwise ops are not counted."""
+"""Parameter and FLOP counts. FLOPs count 2 per multiply-accumulate of MatMul, Gemm, Conv and
+the fused Attention op at the traced input shapes (each op rule's ``flops``, onnxprune.ops);
+elementwise ops are not counted."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxprune.ops import rule_for
 from onnxprune.structure.graph import GraphView
 
 
 def node_flops(view: GraphView, node: gs.Node, trace: dict[str, np.ndarray]) -> int:
+    """FLOPs of one node at the traced shapes, as its op rule counts them (0 without one)."""
     out = trace.get(node.outputs[0].name) if node.outputs else None
     if out is None:
         return 0
-    out_size = int(np.prod(np.shape(out)))
-    if node.op == "MatMul":
-        a = node.inputs[0]
-        shape = np.shape(trace[a.name]) if a.name in trace else np.shape(view.const(a))
-        return 2 * out_size * int(shape[-1])
-    if node.op == "Gemm":
-        a = node.inputs[0]
-        shape = np.shape(trace[a.name]) if a.name in trace else np.shape(view.const(a))
-        k = shape[0] if node.attrs.get("transA", 0) else shape[-1]
-        return 2 * out_size * int(k)
-    if node.op == "Attention":
-        q, k, v = (np.shape(trace[t.name]) for t in node.inputs[:3])
-        if len(q) == 3:  # [B, S, H*d]: the per-head split does not change the product
-            return 2 * q[0] * q[1] * k[1] * (q[2] + v[2])
-        return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])
-    if node.op == "Conv":
-        w = view.const(node.inputs[1])
-        if w is None:
-            return 0
-        return 2 * out_size * int(np.prod(w.shape[1:]))
-    return 0
+    rule = rule_for(node, view.opset)
+    return 0 if rule is None else int(rule.flops(view, node, trace))
 
 
 def model_flops(view: GraphView, trace: dict[str, np.ndarray]) -> int:

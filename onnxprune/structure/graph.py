@@ -38,6 +38,23 @@ def unique_node_names(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
+def canonical_domain(domain: str | None) -> str:
+    """An op domain as the op rules key it: "" for the default ONNX domain."""
+    return "" if domain in (None, "", "ai.onnx") else domain
+
+
+def node_domain(node: gs.Node) -> str:
+    return canonical_domain(getattr(node, "domain", None))
+
+
+def graph_opsets(graph: gs.Graph) -> dict[str, int]:
+    """Opset version per domain, from the model's opset_import (as graphsurgeon keeps it)."""
+    opsets = {canonical_domain(d.domain): int(d.version)
+              for d in (graph.import_domains or [])}
+    opsets.setdefault("", int(graph.opset))
+    return opsets
+
+
 class GraphView:
     """Producers, consumers and constant values of a graphsurgeon graph."""
 
@@ -56,6 +73,12 @@ class GraphView:
             for t in n.outputs:
                 self.producer[t.name] = n
         self.output_names = {t.name for t in graph.outputs}
+        self.opsets = graph_opsets(graph)
+
+    def opset(self, domain: str | None) -> int | None:
+        """The opset version the model imports for ``domain`` (None, "" and "ai.onnx" are
+        the default domain); None when the model does not import it."""
+        return self.opsets.get(canonical_domain(domain))
 
     def const(self, tensor: gs.Tensor | str) -> np.ndarray | None:
         """The value of a tensor fixed at export time: initializer or Constant node output."""
@@ -132,3 +155,21 @@ class GraphView:
                     seen.add(t.name)
                     stack.append(t.name)
         return seen
+
+
+def fresh_name(taken: set[str], name: str) -> str:
+    """``name``, or ``name_<n>`` when taken; the result is added to ``taken``."""
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def effective_weight(view: GraphView, node: str) -> np.ndarray:
+    """The [K, N] matrix a MatMul/Gemm projection multiplies by."""
+    n = view.node[node]
+    _, value = view.weight_of(n)
+    if n.op == "Gemm" and n.attrs.get("transB", 0):
+        value = value.T
+    return value.astype(np.float64)
