@@ -1,22 +1,12 @@
-"""onnxprune: structured pruning of attention and FFN blocks in ONNX files."""
+"""onnxprune: structured pruning of attention and FFN blocks in ONNX files.
 
-# the submodules bench, evaluate and finetune are loaded first, so that the functions of the
-# same names below stay bound to the package however the modules are imported later
-import onnxprune.bench
-import onnxprune.evaluate
-import onnxprune.finetune  # noqa: F401
-from onnxprune.api import (
-    CutResult,
-    bench,
-    cut,
-    evaluate,
-    finetune,
-    gate,
-    inspect,
-    measure,
-    prune,
-    score,
-)
+``bench``, ``evaluate`` and ``finetune`` are modules that can be called:
+``onnxprune.bench(models)`` runs the benchmark and ``onnxprune.bench.BenchRow`` is its row
+type (see :mod:`onnxprune.callable_module`).
+"""
+
+from onnxprune import bench, evaluate, finetune
+from onnxprune.api import CutResult, cut, gate, inspect, measure, prune, score
 from onnxprune.errors import NotPrunableError, OnnxpruneError, VerificationError
 
 __version__ = "0.1.0"

@@ -4,19 +4,32 @@ onnx-ad emits the adjoint of every operand of a differentiated node and leaves t
 ones (a weight's gradient when only activations are differentiated) in the graph; ONNX
 Runtime would still run them, so nodes that feed no output are deleted here. That alone
 halves the cost of a gate-gradient pass on the reference models.
+
+The rewrites that prepare a graph for onnx-ad and trim its result are passes
+(:mod:`onnxprune.passes`) with checked conditions: :class:`FreezeShapeOperands`,
+:class:`DeclareStaticShapes` and :class:`DropDeadNodes`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_ad
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.passes import (
+    Pass,
+    checker_broken,
+    dead_nodes,
+    outputs_changed,
+    unsorted_nodes,
+)
 from onnxprune.seed_axis import speed_up_seed_axis
+
+Trace = Mapping[str, np.ndarray]
 
 SEED_PREFIX = "adj_"
 
@@ -62,12 +75,56 @@ def gradient_graph(model: onnx.ModelProto, wrt: Sequence[str], output: str) -> G
 
 # operands onnx-ad needs as constants, by op: input positions
 _CONSTANT_OPERANDS = {"Slice": (1, 2, 3, 4), "Split": (1,), "Pad": (1, 2, 3)}
+FROZEN_SUFFIX = ".frozen"
 
 
-def freeze_shape_operands(model: onnx.ModelProto, *traces: Mapping[str, np.ndarray]) -> int:
+def freeze_shape_operands(model: onnx.ModelProto, *traces: Trace) -> int:
     """Replace computed Slice/Split/Pad bounds by constants where every trace (taken at
     different batch sizes) agrees on their value, i.e. they do not depend on the batch.
     Returns how many were frozen. In place."""
+    return FreezeShapeOperands(traces).run(model)
+
+
+@dataclass
+class FreezeShapeOperands(Pass):
+    """Computed operands that onnx-ad needs constant become initializers holding their
+    traced value. Post: same outputs, each frozen operand equals its value in every trace,
+    no constant position still reads a computed bound that was frozen, nodes in order."""
+
+    traces: Sequence[Trace]
+    frozen: dict[str, np.ndarray] = field(default_factory=dict)
+    name = "freeze shape operands"
+
+    def pre(self, model: onnx.ModelProto) -> list[str]:
+        return [] if self.traces else ["no trace to read the operand values from"]
+
+    def apply(self, model: onnx.ModelProto) -> int:
+        self.frozen = _batch_independent_operands(model, self.traces)
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                if name in self.frozen:
+                    node.input[i] = name + FROZEN_SUFFIX
+        model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k + FROZEN_SUFFIX)
+                                       for k, v in self.frozen.items())
+        return len(self.frozen)
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        inits = {t.name: t for t in after.graph.initializer}
+        broken = [*outputs_changed(before, after), *unsorted_nodes(after)]
+        for name in self.frozen:
+            value = onnx.numpy_helper.to_array(inits[name + FROZEN_SUFFIX])
+            broken += [f"{name!r} frozen to {value}, traced as {t[name]}" for t in self.traces
+                       if not np.array_equal(value, t[name])
+                       or value.dtype != np.asarray(t[name]).dtype]
+        broken += [f"{node.op_type} {node.name!r} still reads the frozen {name!r}"
+                   for node in after.graph.node for pos in _CONSTANT_OPERANDS.get(
+                       node.op_type, ()) if pos < len(node.input)
+                   for name in [node.input[pos]] if name in self.frozen]
+        return broken
+
+
+def _batch_independent_operands(model: onnx.ModelProto, traces: Sequence[Trace]
+                                ) -> dict[str, np.ndarray]:
     produced = {name for node in model.graph.node for name in node.output}
     frozen: dict[str, np.ndarray] = {}
     for node in model.graph.node:
@@ -80,72 +137,120 @@ def freeze_shape_operands(model: onnx.ModelProto, *traces: Mapping[str, np.ndarr
                 continue
             if all(np.array_equal(values[0], v) for v in values[1:]):
                 frozen[name] = np.asarray(values[0])
-    if not frozen:
-        return 0
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in frozen:
-                node.input[i] = f"{name}.frozen"
-    model.graph.initializer.extend(
-        onnx.numpy_helper.from_array(v, f"{k}.frozen") for k, v in frozen.items())
-    return len(frozen)
+    return frozen
 
 
 # ops whose reverse rule in onnx-ad needs static operand shapes: op -> operand positions
 _STATIC_OPERANDS = {"Slice": (0,), "Concat": None}
 
 
-def declare_static_shapes(model: onnx.ModelProto, one: Mapping[str, np.ndarray],
-                          two: Mapping[str, np.ndarray], batch: int | None) -> bool:
+def declare_static_shapes(model: onnx.ModelProto, one: Trace, two: Trace,
+                          batch: int | None) -> bool:
     """Declare static shapes (onnx-ad needs them) for Slice and Concat operands whose shape
     inference lost them: the traced dims, the one that doubles between the batch-1 and
     batch-2 traces scaled to ``batch``. Returns whether any depends on the batch (then the
     graph is only valid at that batch size); with ``batch`` None it only checks."""
-    typed = onnx.shape_inference.infer_shapes(model)
+    if batch is None:
+        return any(np.shape(one[n]) != np.shape(two[n]) for n in _shapeless_operands(model,
+                                                                                    one, two))
+    return DeclareStaticShapes(one, two, batch).run(model)
+
+
+@dataclass
+class DeclareStaticShapes(Pass):
+    """Static ``value_info`` for shapeless Slice/Concat operands, from two traces (batch 1
+    and 2) scaled to ``batch``. Post: nodes, initializers and outputs unchanged, one
+    ``value_info`` per tensor, each declared shape the traced one at ``batch``."""
+
+    one: Trace
+    two: Trace
+    batch: int
+    declared: dict[str, list[int]] = field(default_factory=dict)
+    name = "declare static shapes"
+
+    def apply(self, model: onnx.ModelProto) -> bool:
+        typed = onnx.shape_inference.infer_shapes(model)
+        elem = {vi.name: vi.type.tensor_type.elem_type for vi in typed.graph.value_info}
+        self.declared = {name: self._dims(name)
+                         for name in _shapeless_operands(model, self.one, self.two, typed)}
+        kept = [vi for vi in model.graph.value_info if vi.name not in self.declared]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        for name, dims in self.declared.items():
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                name, elem.get(name) or onnx.helper.np_dtype_to_tensor_dtype(
+                    np.asarray(self.one[name]).dtype), dims))
+        return any(np.shape(self.one[n]) != np.shape(self.two[n]) for n in self.declared)
+
+    def _dims(self, name: str) -> list[int]:
+        return [x if x == y else x * self.batch
+                for x, y in zip(np.shape(self.one[name]), np.shape(self.two[name]))]
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        broken = outputs_changed(before, after)
+        if list(before.graph.node) != list(after.graph.node):
+            broken.append("the nodes changed")
+        if [t.name for t in before.graph.initializer] != [t.name for t in after.graph.initializer]:
+            broken.append("the initializers changed")
+        names = [vi.name for vi in after.graph.value_info]
+        broken += [f"{n!r} has {names.count(n)} value_info entries" for n in set(names)
+                   if names.count(n) > 1]
+        shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+                  for vi in after.graph.value_info}
+        broken += [f"{n!r} declared {shapes.get(n)}, traced {self._dims(n)}"
+                   for n in self.declared if shapes.get(n) != self._dims(n)]
+        return broken
+
+
+def _shapeless_operands(model: onnx.ModelProto, one: Trace, two: Trace,
+                        typed: onnx.ModelProto | None = None) -> list[str]:
+    """Slice/Concat operands without a static inferred shape, traced at the same rank in
+    both traces (in graph order, each once)."""
+    typed = typed or onnx.shape_inference.infer_shapes(model)
     static = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input]
               if vi.type.tensor_type.HasField("shape")
               and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
     static |= {t.name for t in model.graph.initializer}
-    elem = {vi.name: vi.type.tensor_type.elem_type for vi in typed.graph.value_info}
-    batch_bound = False
+    found: dict[str, None] = {}
     for node in model.graph.node:
         if node.op_type not in _STATIC_OPERANDS:
             continue
         positions = _STATIC_OPERANDS[node.op_type] or range(len(node.input))
         for name in (node.input[p] for p in positions if p < len(node.input)):
-            if not name or name in static or name not in one or name not in two:
-                continue
-            a, b = np.shape(one[name]), np.shape(two[name])
-            if len(a) != len(b):
-                continue
-            batch_bound |= a != b
-            if batch is None:
-                continue
-            dims = [x if x == y else x * batch for x, y in zip(a, b)]
-            kept = [vi for vi in model.graph.value_info if vi.name != name]
-            del model.graph.value_info[:]
-            model.graph.value_info.extend(kept)
-            model.graph.value_info.append(onnx.helper.make_tensor_value_info(
-                name, elem.get(name) or onnx.helper.np_dtype_to_tensor_dtype(
-                    np.asarray(one[name]).dtype), dims))
-            static.add(name)
-    return batch_bound
+            if (name and name not in static and name in one and name in two
+                    and len(np.shape(one[name])) == len(np.shape(two[name]))):
+                found[name] = None
+    return list(found)
 
 
 def drop_dead_nodes(model: onnx.ModelProto) -> None:
     """Delete nodes and initializers no graph output depends on (in place)."""
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-            for attr in node.attribute:  # subgraphs read outer names too
-                for sub in [attr.g, *attr.graphs]:
-                    needed.update(n for sn in sub.node for n in sn.input)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    DropDeadNodes().run(model)
+
+
+class DropDeadNodes(Pass):
+    """Nodes and initializers no graph output depends on are deleted. Post: same outputs,
+    no node left whose outputs nobody reads, nodes in order, still passes the checker."""
+
+    name = "drop dead nodes"
+
+    def apply(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        needed = {o.name for o in graph.output}
+        kept = []
+        for node in reversed(graph.node):
+            if any(name in needed for name in node.output):
+                kept.append(node)
+                needed.update(name for name in node.input if name)
+                for attr in node.attribute:  # subgraphs read outer names too
+                    for sub in [attr.g, *attr.graphs]:
+                        needed.update(n for sn in sub.node for n in sn.input)
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+        inits = [t for t in graph.initializer if t.name in needed]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        return [*outputs_changed(before, after), *dead_nodes(after), *unsorted_nodes(after),
+                *checker_broken(before, after)]

@@ -1,4 +1,5 @@
-"""The deployment benchmark: ``onnxprune bench``.
+"""The deployment benchmark: ``onnxprune bench``; in Python ``onnxprune.bench(models, ...)``
+(the module is callable: it runs :func:`bench`) returns a list of :class:`BenchRow`.
 
 For every model × batch × thread count: latency percentiles and mean, throughput, file size,
 parameters and FLOPs at that batch, the peak resident memory of a process that loads and
@@ -36,13 +37,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from onnxprune.callable_module import make_callable
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model
-from onnxprune.runtime import InputSpec, input_specs, synthetic_feeds
+from onnxprune.runtime import synthetic_feeds, trace
+from onnxprune.shapes import InputSpec, batch_shapes, input_specs
+from onnxprune.structure.cost import model_flops, model_params
+from onnxprune.structure.graph import GraphView
 
-__all__ = ["PROVIDERS", "BenchRow", "bench", "resolve_provider", "rows_json"]
+__all__ = ["PROVIDERS", "BenchRow", "bench", "measure", "resolve_provider", "rows_json"]
 
 PROVIDERS = ("cpu", "cuda", "auto")
 _ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -126,26 +132,12 @@ def file_bytes(path: str | os.PathLike, model: onnx.ModelProto) -> int:
     return total
 
 
-def input_shapes(specs: list[InputSpec], batch: int,
-                 shapes: Mapping[str, tuple[int, ...]] | None, where: str
-                 ) -> dict[str, tuple[int, ...]]:
-    """Concrete input shapes at ``batch``: the batch dim set (a static one must match),
-    other dynamic dims from ``shapes`` (its batch entry is replaced), else 1."""
-    out = {}
-    for spec in specs:
-        if not spec.dims:
-            out[spec.name] = ()
-            continue
-        shape = list(spec.concrete(shapes))
-        first = spec.dims[0]
-        if isinstance(first, int):
-            if first != batch:
-                raise OnnxpruneError(f"{where}: input {spec.name} has a static batch of "
-                                     f"{first} {list(spec.dims)}; cannot run it at batch {batch}")
-        else:
-            shape[0] = batch
-        out[spec.name] = tuple(shape)
-    return out
+def measure(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None = None
+            ) -> tuple[int, int]:
+    """(parameters, FLOPs) of a model at the given input shapes (dynamic dims else 1)."""
+    values = trace(model, synthetic_feeds(input_specs(model), shapes))
+    view = GraphView(gs.import_onnx(model))
+    return model_params(view), model_flops(view, values)
 
 
 @dataclass
@@ -167,7 +159,7 @@ def _check_counts(name: str, values: Sequence[int], minimum: int) -> list[int]:
 
 
 def bench(
-    models: Sequence[str | os.PathLike],
+    models: Iterable[str | os.PathLike],
     batches: Iterable[int] = (1,),
     threads: Iterable[int] = (1,),
     provider: str = "cpu",
@@ -181,6 +173,7 @@ def bench(
     """Benchmark ``models`` (paths) at every batch × thread count; rows are ordered by
     thread count, then batch, then model (the order given). ``memory=False`` skips the
     child processes (memory fields 0). ``progress(message)`` is told what runs."""
+    models = list(models)
     if not models:
         raise OnnxpruneError("bench needs at least one model")
     batches = _check_counts("--batch", batches, 1)
@@ -197,10 +190,8 @@ def bench(
         proto = load_model(path)
         loaded.append(_Model(str(path), proto, input_specs(proto), file_bytes(path, proto)))
     # every shape is checked before anything runs
-    feeds_shapes = {(i, b): input_shapes(m.specs, b, shapes, m.path)
+    feeds_shapes = {(i, b): batch_shapes(m.specs, b, shapes, m.path)
                     for i, m in enumerate(loaded) for b in batches}
-
-    from onnxprune.api import measure  # the structure analysis is heavy: import on use
 
     costs = {}
     for (i, b), shape in feeds_shapes.items():
@@ -443,3 +434,6 @@ def plot_bench(rows: list[BenchRow], path: str) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+make_callable(__name__, bench)

@@ -15,6 +15,10 @@ per-sample arrays that the scoring passes feed to the model batch by batch:
 - no file: ``samples`` inputs synthesised from the model's input signature (standard-normal
   floats, zeros for ids, ones for masks); ``data_free`` is True and there are no targets.
 
+:func:`load_or_synthesise` is what the stages call: data as given, from a file, or
+synthesised. :func:`write_calibration` and :func:`read_calibration` handle the ``.npz``
+format without a model; :func:`check_samples` is the one validator of the arrays.
+
 Every problem with the data is one :class:`~onnxprune.errors.OnnxpruneError` line naming
 the file and what is wrong with it.
 """
@@ -23,7 +27,8 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator, Mapping
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,20 +36,31 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxprune.datasets.calib import read_calibration
 from onnxprune.datasets.timeseries import ETT_SPLITS, SPLIT_NAMES, Splits, load_windows
 from onnxprune.errors import OnnxpruneError
-from onnxprune.runtime import InputSpec, input_specs, synthetic_feeds
+from onnxprune.runtime import synthetic_feeds
+from onnxprune.shapes import (
+    InputSpec,
+    check_synthesisable,
+    format_dims,
+    input_specs,
+    partial_dims,
+)
 
 __all__ = [
     "DEFAULT_SYNTHETIC_SAMPLES",
     "SUFFIXES",
     "CalibrationData",
     "OutputSpec",
+    "check_samples",
     "csv_splits",
     "load_calibration",
+    "load_or_synthesise",
+    "model_io_names",
     "output_specs",
+    "read_calibration",
     "static_batch",
+    "write_calibration",
 ]
 
 SUFFIXES = (".npz", ".npy", ".csv")
@@ -215,6 +231,90 @@ def load_calibration(
     return data
 
 
+def load_or_synthesise(
+    model: onnx.ModelProto,
+    source: str | os.PathLike | CalibrationData | None,
+    samples: int | None = None,
+    seed: int = 0,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    split: str = "train",
+) -> CalibrationData:
+    """``source`` as given (its first ``samples``), read from a file, or, when None,
+    synthesised from the input signature; dynamic dims besides the batch must then be given
+    in ``shapes`` (guessed sizes would measure the model at a size it never runs at)."""
+    if isinstance(source, CalibrationData):
+        return source.take(samples) if samples and samples < source.n_samples else source
+    if source is None:
+        check_synthesisable(input_specs(model), shapes)
+    return load_calibration(source, model, samples=samples, seed=seed,
+                            shapes=dict(shapes) if shapes else None, split=split)
+
+
+# --- calibration .npz files: inputs keyed by input name, targets by output name --------
+
+
+def write_calibration(
+    path: str | os.PathLike,
+    inputs: Mapping[str, np.ndarray],
+    targets: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """Write ``inputs`` and ``targets`` into one ``.npz`` (atomic: temp file, then rename)."""
+    path = Path(path)
+    data = CalibrationData({k: np.asarray(v) for k, v in inputs.items()},
+                           {k: np.asarray(v) for k, v in (targets or {}).items()}, str(path))
+    check_samples(path, data.inputs, data.targets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **data.inputs, **data.targets)
+    tmp.replace(path)
+    return path
+
+
+def read_calibration(
+    path: str | os.PathLike, input_names: Sequence[str], output_names: Sequence[str] = ()
+) -> CalibrationData:
+    """Read a calibration ``.npz`` (no model needed): every input name must be present;
+    outputs are optional."""
+    inputs, targets = _read_npz(Path(path), input_names, output_names)
+    check_samples(path, inputs, targets)
+    return CalibrationData(inputs, targets, str(path))
+
+
+def model_io_names(model_path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Graph input names (initialisers excluded) and output names of an ONNX file."""
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:
+        raise OnnxpruneError(f"{model_path}: cannot read ONNX model ({e})") from None
+    return [s.name for s in input_specs(model)], [o.name for o in model.graph.output]
+
+
+def _read_npz(path: Path, input_names: Sequence[str], output_names: Sequence[str]
+              ) -> tuple[Arrays, Arrays]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise OnnxpruneError(f"{path}: no such calibration file") from None
+    except EOFError:
+        raise OnnxpruneError(f"{path}: not a readable .npz file (truncated)") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise OnnxpruneError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    missing = [n for n in input_names if n not in arrays]
+    if missing:
+        raise OnnxpruneError(
+            f"{path}: no array for model input(s) {', '.join(missing)}; "
+            f"file has {', '.join(arrays) or 'none'}"
+        )
+    unknown = sorted(set(arrays) - set(input_names) - set(output_names))
+    if unknown:
+        raise OnnxpruneError(
+            f"{path}: array(s) {', '.join(unknown)} match no model input or output name"
+        )
+    return {n: arrays[n] for n in input_names}, {n: arrays[n] for n in output_names
+                                                 if n in arrays}
+
+
 # --- synthetic ------------------------------------------------------------------------
 
 
@@ -263,13 +363,13 @@ def _load_file(
         raise OnnxpruneError(f"{path}: empty file")
     outputs = output_specs(model)
     if suffix == ".npz":
-        inputs, targets = _read_npz(path, specs, outputs)
+        inputs, targets = _read_npz(path, [s.name for s in specs], [o.name for o in outputs])
     elif suffix == ".npy":
         inputs, targets = _read_npy(path, specs), {}
     else:
         inputs, targets = _read_csv(path, specs, outputs, shapes, split)
 
-    n = _check_samples(path, inputs, targets)
+    n = check_samples(path, inputs, targets)
     _check_arrays(path, specs, outputs, inputs, targets)
     index: slice | np.ndarray = slice(None)
     if samples is not None and int(samples) < n:
@@ -285,16 +385,6 @@ def _load_file(
         str(path),
         False,
     )
-
-
-def _read_npz(
-    path: Path, specs: list[InputSpec], outputs: list[OutputSpec]
-) -> tuple[Arrays, Arrays]:
-    try:
-        calib = read_calibration(path, [s.name for s in specs], [o.name for o in outputs])
-    except EOFError:
-        raise OnnxpruneError(f"{path}: not a readable .npz file (truncated)") from None
-    return calib.inputs, calib.targets
 
 
 def _read_npy(path: Path, specs: list[InputSpec]) -> Arrays:
@@ -336,30 +426,30 @@ def _read_csv(
             f"{path}: a .csv time series gives float windows, but model input {spec.name} "
             f"is {np.dtype(spec.dtype).name}"
         )
-    in_dims = _concrete(path, "input", spec.name, spec.dims, shapes)
+    in_dims = _given_dims(path, "input", spec.name, spec.dims, shapes)
     if len(in_dims) != 3:
         raise OnnxpruneError(
             f"{path}: a .csv time series needs the model input to be [batch, lookback, "
-            f"channels]; {spec.name} is {_fmt(spec.dims)}"
+            f"channels]; {spec.name} is {format_dims(spec.dims)}"
         )
     lookback, channels = in_dims[1], in_dims[2]
     for what, value in (("lookback", lookback), ("channels", channels)):
         if value is None:
             raise OnnxpruneError(
-                f"{path}: the {what} dim of model input {spec.name} {_fmt(spec.dims)} is "
+                f"{path}: the {what} dim of model input {spec.name} {format_dims(spec.dims)} is "
                 f"dynamic; give its shape (--shape {spec.name}=...)"
             )
     if out.dims is None or len(out.dims) != 3:
         raise OnnxpruneError(
             f"{path}: a .csv time series needs the model output to be [batch, horizon, "
-            f"channels]; {out.name} is {_fmt(out.dims)}"
+            f"channels]; {out.name} is {format_dims(out.dims)}"
         )
-    out_dims = _concrete(path, "output", out.name, out.dims, shapes)
+    out_dims = _given_dims(path, "output", out.name, out.dims, shapes)
     horizon = out_dims[1]
     if horizon is None:
         raise OnnxpruneError(
-            f"{path}: the horizon dim of model output {out.name} {_fmt(out.dims)} is dynamic; "
-            f"give its shape (--shape {out.name}=...)"
+            f"{path}: the horizon dim of model output {out.name} {format_dims(out.dims)} is "
+            f"dynamic; give its shape (--shape {out.name}=...)"
         )
     if out_dims[2] is not None and out_dims[2] != channels:
         raise OnnxpruneError(
@@ -373,38 +463,16 @@ def _read_csv(
     if len(series.columns) != channels:
         raise OnnxpruneError(
             f"{path}: {len(series.columns)} data column(s) ({', '.join(series.columns)}), but "
-            f"model input {spec.name} {_fmt(spec.dims)} expects {channels} channels"
+            f"model input {spec.name} {format_dims(spec.dims)} expects {channels} channels"
         )
     x, y = series.windows(split)
     return {spec.name: x}, {out.name: y}
 
 
-def _concrete(
-    path: Path,
-    kind: str,
-    name: str,
-    dims: tuple[int | str, ...],
-    shapes: Mapping[str, tuple[int, ...]] | None,
-) -> list[int | None]:
-    """Static dims, with dynamic ones from ``shapes[name]`` (None where still unknown)."""
+def _given_dims(path: Path, kind: str, name: str, dims: tuple[int | str, ...],
+                shapes: Mapping[str, tuple[int, ...]] | None) -> list[int | None]:
     given = tuple(shapes[name]) if shapes and name in shapes else None
-    if given is not None and len(given) != len(dims):
-        raise OnnxpruneError(
-            f"{path}: shape {given} given for model {kind} {name} has {len(given)} dims, the "
-            f"model declares {_fmt(dims)}"
-        )
-    out: list[int | None] = []
-    for i, d in enumerate(dims):
-        if isinstance(d, int):
-            if given is not None and i > 0 and given[i] != d:
-                raise OnnxpruneError(
-                    f"{path}: shape {given} given for model {kind} {name} conflicts with its "
-                    f"static shape {_fmt(dims)}"
-                )
-            out.append(d)
-        else:
-            out.append(int(given[i]) if given is not None else None)
-    return out
+    return partial_dims(f"{path}: shape {given} given for model {kind} {name}", dims, given)
 
 
 def _time_column(path: Path) -> str | None:
@@ -437,20 +505,30 @@ def _count_rows(path: Path) -> int:
 # --- validation -----------------------------------------------------------------------
 
 
-def _check_samples(path: Path, inputs: Arrays, targets: Arrays) -> int:
-    arrays = {**inputs, **targets}
+def check_samples(where: str | os.PathLike, inputs: Mapping[str, np.ndarray],
+                  targets: Mapping[str, np.ndarray]) -> int:
+    """The one validator of calibration arrays: at least one input, no name both an input
+    and a target, every array with the same number of samples (its first dim), more than
+    none. Returns that number; raises naming ``where`` (the file) otherwise."""
+    if not inputs:
+        raise OnnxpruneError(f"{where}: calibration data needs at least one input array")
+    clash = sorted(set(inputs) & set(targets))
+    if clash:
+        raise OnnxpruneError(
+            f"{where}: name(s) {', '.join(clash)} used for both an input and a target")
+    arrays = {k: np.asarray(v) for k, v in {**inputs, **targets}.items()}
     for name, array in arrays.items():
         if array.ndim == 0:
             raise OnnxpruneError(
-                f"{path}: array {name!r} is a scalar; calibration arrays need a sample axis first"
-            )
+                f"{where}: array {name!r} is a scalar; calibration arrays need a sample axis "
+                f"first")
     counts = {name: array.shape[0] for name, array in arrays.items()}
     if len(set(counts.values())) > 1:
-        listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
-        raise OnnxpruneError(f"{path}: arrays have different sample counts ({listed})")
+        raise OnnxpruneError(
+            f"{where}: arrays must share their first (sample) dimension, got {counts}")
     n = next(iter(counts.values()))
     if n == 0:
-        raise OnnxpruneError(f"{path}: no calibration samples (the arrays have 0 rows)")
+        raise OnnxpruneError(f"{where}: no calibration samples (the arrays have 0 rows)")
     return n
 
 
@@ -482,7 +560,7 @@ def _check_arrays(
             if array.ndim == len(out.dims) - 1 and array.dtype.kind == "f":
                 raise OnnxpruneError(
                     f"{path}: target array {out.name!r} has shape {array.shape}, one dim fewer "
-                    f"than output {out.name} {_fmt(out.dims)}; class-id targets must be "
+                    f"than output {out.name} {format_dims(out.dims)}; class-id targets must be "
                     f"integers, got {array.dtype}"
                 )
             _check_dims(path, "output", out.name, array, out.dims, named)
@@ -509,7 +587,7 @@ def _check_class_ids(path: Path, out: OutputSpec, array: np.ndarray) -> None:
         if isinstance(want, int) and want != got:
             raise OnnxpruneError(
                 f"{path}: class-id target array {out.name!r} has shape {array.shape}, model "
-                f"output {out.name} is {_fmt(out.dims)}: dim {i} expected {want}, got {got}"
+                f"output {out.name} is {format_dims(out.dims)}: dim {i} expected {want}, got {got}"
             )
     n_classes = out.dims[-1]
     if array.size:
@@ -518,7 +596,7 @@ def _check_class_ids(path: Path, out: OutputSpec, array: np.ndarray) -> None:
             limit = f"0..{n_classes - 1}" if isinstance(n_classes, int) else "non-negative"
             raise OnnxpruneError(
                 f"{path}: class-id target array {out.name!r} has ids {lo}..{hi}, model output "
-                f"{out.name} {_fmt(out.dims)} allows {limit}"
+                f"{out.name} {format_dims(out.dims)} allows {limit}"
             )
 
 
@@ -567,7 +645,7 @@ def _check_dims(
     if array.ndim != len(dims):
         raise OnnxpruneError(
             f"{path}: {what} {name!r} has shape {array.shape}, but model {kind} {name} is "
-            f"{_fmt(dims)}: expected rank {len(dims)}, got {array.ndim}"
+            f"{format_dims(dims)}: expected rank {len(dims)}, got {array.ndim}"
         )
     for i, (want, got) in enumerate(zip(dims, array.shape)):
         if i == 0:
@@ -576,7 +654,7 @@ def _check_dims(
             if want != got:
                 raise OnnxpruneError(
                     f"{path}: {what} {name!r} has shape {array.shape}, but model {kind} {name} "
-                    f"is {_fmt(dims)}: dim {i} expected {want}, got {got}"
+                    f"is {format_dims(dims)}: dim {i} expected {want}, got {got}"
                 )
         elif want in named and named[want][0] != got:
             size, where = named[want]
@@ -628,10 +706,6 @@ def _cast_target(path: Path, out: OutputSpec, array: np.ndarray) -> np.ndarray:
             f"{out.name} ({cast.dtype.name})"
         )
     return cast
-
-
-def _fmt(dims: tuple[int | str, ...] | None) -> str:
-    return "of unknown shape" if dims is None else "[" + ", ".join(map(str, dims)) + "]"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Metrics of a model on a labelled dataset: ``onnxprune eval``.
+"""Metrics of a model on a labelled dataset: ``onnxprune eval``; in Python
+``onnxprune.evaluate(model, data)`` (the module is callable: it runs :func:`evaluate`).
 
 The data comes through :func:`onnxprune.data.load_calibration` (``.npz`` keyed by input and
 output names, or a time-series ``.csv``, whose *test* split is read); it must carry targets.
@@ -21,7 +22,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnxprune.data import CalibrationData, load_calibration
+from onnxprune.callable_module import make_callable
+from onnxprune.data import CalibrationData, load_or_synthesise
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model
 from onnxprune.runtime import make_session, run
@@ -59,11 +61,7 @@ def evaluate(
         raise OnnxpruneError(f"batch size must be positive, got {batch_size}")
     model_name = str(model) if isinstance(model, (str, os.PathLike)) else "<memory>"
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    if isinstance(data, CalibrationData):
-        calib = data.take(samples) if samples and samples < data.n_samples else data
-    else:
-        calib = load_calibration(data, proto, samples=samples, seed=seed,
-                                 shapes=dict(shapes) if shapes else None, split="test")
+    calib = load_or_synthesise(proto, data, samples, seed, shapes, split="test")
     if calib.data_free or not calib.targets:
         raise OnnxpruneError(
             f"{calib.source}: no targets: eval needs the true outputs, in a .npz keyed by the "
@@ -158,3 +156,5 @@ def _class_metrics(predictions: dict[str, np.ndarray],
                 out[f"cross_entropy/{name}"] = float(ce.mean())
     return out
 
+
+make_callable(__name__, evaluate)

@@ -6,11 +6,16 @@ ONNX Runtime run of it followed by an AdamW update in numpy (decoupled weight de
 warm-up, cosine decay, global-norm clipping). The validation loss picks the best weights
 (early stopping); a NaN loss stops the run and keeps the last good weights. The result is
 the model with the trained weights written back as initializers.
+
+``onnxprune.finetune(model, train, val, steps=100)`` (the module is callable: it runs
+:func:`finetune`) takes files or :class:`~onnxprune.data.CalibrationData`; :func:`fit` is
+the same on loaded data with :class:`FinetuneOptions`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,12 +25,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.autodiff import declare_static_shapes, freeze_shape_operands, gradient_graph
-from onnxprune.data import CalibrationData, static_batch
+from onnxprune.callable_module import make_callable
+from onnxprune.data import CalibrationData, load_or_synthesise, static_batch
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, choose_loss, target_feeds, with_loss
+from onnxprune.modelio import load_model
 from onnxprune.runtime import make_session, run, trace
 
 TRAINABLE = ("all", "norms", "blocks")
+Progress = Callable[[str, int, int], None] | None
 
 
 @dataclass
@@ -234,9 +242,26 @@ def _output_like(model: onnx.ModelProto, targets: dict) -> dict:
     return out
 
 
-def finetune(model: onnx.ModelProto, train: CalibrationData, val: CalibrationData | None,
-             opts: FinetuneOptions, progress: Callable[[str, int, int], None] | None = None
-             ) -> FinetuneResult:
+def finetune(model: onnx.ModelProto | str | os.PathLike,
+             train: str | os.PathLike | CalibrationData,
+             val: str | os.PathLike | CalibrationData | None = None, *,
+             trainable: str = "all", names: tuple[str, ...] = (), progress: Progress = None,
+             **options) -> FinetuneResult:
+    """Recovery fine-tuning of ``model`` on ``train`` (a file is read at its train split),
+    the best weights picked on ``val`` (read at its validation split); ``options`` are
+    :class:`FinetuneOptions` fields (``steps`` or ``epochs``, ``lr``, ...)."""
+    model = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    opts = FinetuneOptions(trainable=trainable, names=tuple(names), **options)
+    opts.check()
+    train_data = load_or_synthesise(model, train, seed=opts.seed, split="train")
+    val_data = None if val is None else load_or_synthesise(model, val, seed=opts.seed,
+                                                           split="val")
+    return fit(model, train_data, val_data, opts, progress)
+
+
+def fit(model: onnx.ModelProto, train: CalibrationData, val: CalibrationData | None,
+        opts: FinetuneOptions, progress: Progress = None) -> FinetuneResult:
+    """Fine-tune on loaded data: AdamW steps in ONNX Runtime, the best weights on ``val``."""
     opts.check()
     start = time.perf_counter()
     if not train.targets:
@@ -311,3 +336,6 @@ def with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx
             value = weights[init.name].astype(numpy_helper.to_array(init).dtype)
             init.CopyFrom(numpy_helper.from_array(value, init.name))
     return out
+
+
+make_callable(__name__, finetune)

@@ -1,11 +1,10 @@
-"""ONNX Runtime sessions: providers, input signatures, synthetic feeds, full traces."""
+"""ONNX Runtime sessions: providers, synthetic feeds, full traces."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,63 +12,11 @@ import onnxruntime as ort
 from onnx import helper
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.shapes import InputSpec, input_specs
 
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.BOOL: np.bool_,
-    onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.INT8: np.int8,
-}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input: name, element type and dims (int, or str for a named dynamic dim)."""
-
-    name: str
-    dtype: type
-    dims: tuple[int | str, ...]
-
-    def concrete(self, overrides: Mapping[str, tuple[int, ...]] | None = None,
-                 dynamic: int = 1) -> tuple[int, ...]:
-        if overrides and self.name in overrides:
-            shape = tuple(overrides[self.name])
-            if len(shape) != len(self.dims):
-                raise OnnxpruneError(
-                    f"--shape {self.name}: {len(shape)} dims given, the model declares "
-                    f"{len(self.dims)} {self.dims}")
-            for got, want in zip(shape, self.dims):
-                if isinstance(want, int) and want != got:
-                    raise OnnxpruneError(
-                        f"--shape {self.name}: {shape} conflicts with the static shape {self.dims}")
-            return shape
-        return tuple(d if isinstance(d, int) else dynamic for d in self.dims)
-
-    @property
-    def is_dynamic(self) -> bool:
-        return any(not isinstance(d, int) for d in self.dims)
-
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The model's real inputs (initializers listed as inputs by old exporters are skipped)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        ttype = vi.type.tensor_type
-        dims: list[int | str] = []
-        for i, d in enumerate(ttype.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(d.dim_value)
-            else:
-                dims.append(d.dim_param or f"{vi.name}_dim{i}")
-        specs.append(InputSpec(vi.name, _NP_TYPES.get(ttype.elem_type, np.float32), tuple(dims)))
-    return specs
+# the signature lives in onnxprune.shapes; these names stay importable from here
+__all__ = ["InputSpec", "available_providers", "input_specs", "make_session", "probe_model",
+           "run", "synthetic_feeds", "trace"]
 
 
 def synthetic_feeds(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None,

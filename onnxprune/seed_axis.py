@@ -6,6 +6,10 @@ becomes a strided loop (20× slower on an attention-score tensor), a Mul of such
 by a lower-rank scalar loses the scalar fast path (30× slower), and a Transpose that
 carries the axis along cannot be folded into a MatMul. Each rewrite keeps the node's
 output names and values; only how they are computed changes.
+
+:class:`SpeedUpSeedAxis` is the pass: it needs the nodes in topological order, and
+guarantees the same graph outputs, every tensor still computed under its name, nodes still
+in order, and a model that still passes ``onnx.checker`` if it did.
 """
 
 from __future__ import annotations
@@ -13,6 +17,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from onnxprune.passes import (
+    Pass,
+    checker_broken,
+    node_outputs_lost,
+    outputs_changed,
+    unsorted_nodes,
+)
 
 Shapes = dict[str, list[int | None]]
 
@@ -22,29 +34,50 @@ _BROADCASTS = {"Add", "Sub", "Mul", "Div"}
 
 def speed_up_seed_axis(model: onnx.ModelProto) -> dict[str, int]:
     """Apply every rewrite in place; returns how many nodes each one changed."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    counts = {"transpose": 0, "reduce": 0, "broadcast": 0}
-    if opset < 13:
+    return SpeedUpSeedAxis().run(model)
+
+
+class SpeedUpSeedAxis(Pass):
+    """The rewrites above, node by node; ``apply`` returns how many nodes each changed."""
+
+    name = "speed up seed axis"
+
+    def pre(self, model: onnx.ModelProto) -> list[str]:
+        return unsorted_nodes(model)  # new nodes go where the old one was
+
+    def apply(self, model: onnx.ModelProto) -> dict[str, int]:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                     13)
+        counts = {"transpose": 0, "reduce": 0, "broadcast": 0}
+        if opset < 13:
+            return counts
+        shapes = static_shapes(model)
+        constants = _constants(model)
+        nodes: list[onnx.NodeProto] = []
+        for node in model.graph.node:
+            new, kind = _rewrite(model, node, shapes, constants)
+            if new is None:
+                nodes.append(node)
+            else:
+                nodes.extend(new)
+                counts[kind] += 1
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
         return counts
-    shapes = static_shapes(model)
-    constants = _constants(model)
-    nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        new = None
-        if node.op_type == "Transpose":
-            new, kind = _transpose_without_units(model, node, shapes), "transpose"
-        elif node.op_type in _REDUCES:
-            new, kind = _reduce_without_seed(model, node, shapes, constants), "reduce"
-        elif node.op_type in _BROADCASTS:
-            new, kind = _broadcast_at_full_rank(model, node, shapes, constants), "broadcast"
-        if new is None:
-            nodes.append(node)
-        else:
-            nodes.extend(new)
-            counts[kind] += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return counts
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        return [*outputs_changed(before, after), *node_outputs_lost(before, after),
+                *unsorted_nodes(after), *checker_broken(before, after)]
+
+
+def _rewrite(model, node, shapes: Shapes, constants) -> tuple[list[onnx.NodeProto] | None, str]:
+    if node.op_type == "Transpose":
+        return _transpose_without_units(model, node, shapes), "transpose"
+    if node.op_type in _REDUCES:
+        return _reduce_without_seed(model, node, shapes, constants), "reduce"
+    if node.op_type in _BROADCASTS:
+        return _broadcast_at_full_rank(model, node, shapes, constants), "broadcast"
+    return None, ""
 
 
 def static_shapes(model: onnx.ModelProto) -> Shapes:

@@ -10,7 +10,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.data import CalibrationData, csv_splits, load_calibration, static_batch
+from onnxprune.data import (
+    CalibrationData,
+    csv_splits,
+    load_calibration,
+    load_or_synthesise,
+    static_batch,
+)
 from onnxprune.datasets import ETT_SPLITS, Splits
 from onnxprune.errors import OnnxpruneError
 
@@ -212,6 +218,21 @@ def test_static_batch(tmp_path: Path) -> None:
     msg = error(load_calibration, tmp_path / "c.npz", fixed, samples=3)
     assert "3 calibration sample(s)" in msg and "static batch size 4" in msg
     assert "static batch size 4" in error(lambda: list(data.take(2).batches(4)))
+
+
+def test_load_or_synthesise(tmp_path: Path, model) -> None:
+    given = CalibrationData({"x": rand(6, 4, 3)}, {"y": rand(6, 2, 3)})
+    assert load_or_synthesise(model, given) is given
+    assert load_or_synthesise(model, given, samples=2).n_samples == 2
+    np.savez(tmp_path / "c.npz", x=rand(5, 4, 3))
+    assert load_or_synthesise(model, tmp_path / "c.npz", samples=3).n_samples == 3
+    assert load_or_synthesise(model, None, samples=4).data_free
+    # synthetic data of a guessed lookback would score the model at a size it never runs at
+    dyn = forecaster(lookback="L")
+    msg = error(load_or_synthesise, dyn, None)
+    assert "dynamic dims ['L'] besides the batch" in msg and "--shape x:1,128" in msg
+    data = load_or_synthesise(dyn, None, samples=2, shapes={"x": (1, 9, 3)})
+    assert data.inputs["x"].shape == (2, 9, 3)
 
 
 # --- bad input ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Data loaders: CSV windows, WAV → log-mel, synthetic series, calibration files."""
+"""Data loaders: CSV windows, WAV → log-mel, synthetic series; calibration .npz files
+(onnxprune.data), with the same validator as the model-aware loader."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onnxprune.data import CalibrationData, model_io_names, read_calibration, write_calibration
 from onnxprune.datasets import (
     ETT_SPLITS,
     LogMelConfig,
@@ -19,13 +21,10 @@ from onnxprune.datasets import (
     load_fsdd,
     load_windows,
     log_mel,
-    read_calibration,
     read_csv,
     read_wav,
-    write_calibration,
 )
 from onnxprune.datasets.audio import mel_filterbank, parse_fsdd_name
-from onnxprune.datasets.calib import model_io_names
 from onnxprune.datasets.synthetic import generate
 from onnxprune.errors import OnnxpruneError
 
@@ -297,6 +296,7 @@ def test_calibration_roundtrip(tmp_path: Path) -> None:
     y = np.zeros((5, 96, 7), np.float32)
     path = write_calibration(tmp_path / "calib.npz", {"x": x}, {"y": y})
     calib = read_calibration(path, ["x"], ["y"])
+    assert isinstance(calib, CalibrationData) and calib.source == str(path)
     np.testing.assert_array_equal(calib.inputs["x"], x)
     np.testing.assert_array_equal(calib.targets["y"], y)
     assert calib.n_samples == 5
@@ -314,6 +314,11 @@ def test_calibration_errors(tmp_path: Path) -> None:
         write_calibration(tmp_path / "d.npz", {"x": np.zeros((4, 3))}, {"y": np.zeros((5, 3))})
     with pytest.raises(OnnxpruneError, match="both an input and a target"):
         write_calibration(tmp_path / "d.npz", {"x": np.zeros(3)}, {"x": np.zeros(3)})
+    with pytest.raises(OnnxpruneError, match="is a scalar"):
+        write_calibration(tmp_path / "d.npz", {"x": np.zeros(())})
+    with pytest.raises(OnnxpruneError, match="no calibration samples"):
+        write_calibration(tmp_path / "d.npz", {"x": np.zeros((0, 3))})
+    assert not (tmp_path / "d.npz").exists()
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(OnnxpruneError, match=r"bad\.npz: not a readable \.npz"):
         read_calibration(tmp_path / "bad.npz", ["x"])

@@ -70,7 +70,7 @@ def test_eval_classifier_accuracy(tmp_path):
     x = rng.standard_normal((8, 1, 64, 96)).astype(np.float32)
     labels = rng.integers(0, 10, 8)
     np.savez(tmp_path / "fsdd8.npz", x=x, logits=labels)
-    result = onnxprune.api.evaluate(str(AST), tmp_path / "fsdd8.npz", batch_size=3)
+    result = onnxprune.evaluate(str(AST), tmp_path / "fsdd8.npz", batch_size=3)
     logits = _outputs(AST, x).astype(np.float64)
     assert 0.0 <= result["metrics"]["acc"] <= 1.0
     assert result["metrics"]["acc"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)))
@@ -146,6 +146,15 @@ def test_bench_json_has_every_field(capsys, reference_model, pruned_copy, tmp_pa
                                                   / second["latency_p50_ms"])
         assert second["flops_ratio"] < 1 and second["size_ratio"] < 1
     assert rows[2]["flops"] == 2 * rows[0]["flops"]  # FLOPs at the row's batch
+
+
+def test_bench_from_python(reference_model, pruned_copy):
+    """The documented call: ``onnxprune.bench(models, ...)`` → ``onnxprune.bench.BenchRow``s."""
+    rows = onnxprune.bench([reference_model, pruned_copy], (1,), (1,), "cpu", 0, 2,
+                           memory=False)
+    assert [type(r) for r in rows] == [onnxprune.bench.BenchRow] * 2 and BenchRow is \
+        onnxprune.bench.BenchRow
+    assert rows[1].flops_ratio < 1 and rows[0].peak_rss_mb == 0
 
 
 def test_bench_plot(capsys, reference_model, tmp_path):

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
-from onnxprune.finetune import FinetuneOptions, Trainer, finetune, trainable_weights
+from onnxprune.finetune import FinetuneOptions, Trainer, fit, trainable_weights
 from onnxprune.losses import choose_loss, target_feeds
 from onnxprune.runtime import make_session, run
 
@@ -53,8 +53,8 @@ def test_weight_gradients_match_finite_differences(task):
 
 def test_finetuning_lowers_the_training_loss(task):
     model, data = task
-    result = finetune(model, data, data, FinetuneOptions(steps=40, lr=3e-3, batch_size=16,
-                                                         eval_every=10, patience=10))
+    result = fit(model, data, data, FinetuneOptions(steps=40, lr=3e-3, batch_size=16,
+                                                    eval_every=10, patience=10))
     assert result.steps == 40 and not result.stopped
     assert np.mean(result.train_loss[-5:]) < 0.5 * np.mean(result.train_loss[:5])
     assert result.val_loss[-1][1] < result.val_loss[0][1]
@@ -66,8 +66,8 @@ def test_finetuning_lowers_the_training_loss(task):
 
 def test_a_diverging_learning_rate_keeps_the_last_good_weights(task):
     model, data = task
-    result = finetune(model, data, None, FinetuneOptions(steps=30, lr=1e6, batch_size=16,
-                                                         clip=0))
+    result = fit(model, data, None, FinetuneOptions(steps=30, lr=1e6, batch_size=16,
+                                                    clip=0))
     assert "stopped" in result.stopped and "--lr" in result.stopped
     for value in _weights(result.model).values():
         if np.issubdtype(value.dtype, np.floating):
@@ -76,8 +76,8 @@ def test_a_diverging_learning_rate_keeps_the_last_good_weights(task):
 
 def test_norms_only_changes_only_one_dimensional_weights(task):
     model, data = task
-    result = finetune(model, data, None, FinetuneOptions(steps=5, lr=1e-2, batch_size=16,
-                                                         trainable="norms"))
+    result = fit(model, data, None, FinetuneOptions(steps=5, lr=1e-2, batch_size=16,
+                                                    trainable="norms"))
     old, new = _weights(model), _weights(result.model)
     changed = {k for k in old if not np.array_equal(old[k], new[k])}
     assert changed and all(old[k].ndim == 1 for k in changed)
@@ -86,12 +86,12 @@ def test_norms_only_changes_only_one_dimensional_weights(task):
 def test_bad_input(task):
     model, data = task
     with pytest.raises(OnnxpruneError, match="targets"):
-        finetune(model, CalibrationData(data.inputs, {}, "x", False), None,
-                 FinetuneOptions(steps=1))
+        fit(model, CalibrationData(data.inputs, {}, "x", False), None,
+            FinetuneOptions(steps=1))
     with pytest.raises(OnnxpruneError, match="exactly one"):
-        finetune(model, data, None, FinetuneOptions(steps=1, epochs=1))
+        fit(model, data, None, FinetuneOptions(steps=1, epochs=1))
     with pytest.raises(OnnxpruneError, match="--lr"):
-        finetune(model, data, None, FinetuneOptions(steps=1, lr=-1.0))
+        fit(model, data, None, FinetuneOptions(steps=1, lr=-1.0))
 
 
 def _npz(path, data):
@@ -184,8 +184,8 @@ def _static_batch_data(batch: int) -> CalibrationData:
 
 def test_a_static_batch_model_fine_tunes_at_its_batch():
     data = _static_batch_data(4)
-    result = finetune(_matmul_then("Relu", 4), data, data,
-                      FinetuneOptions(steps=40, lr=5e-2, warmup=0, eval_every=10))
+    result = fit(_matmul_then("Relu", 4), data, data,
+                 FinetuneOptions(steps=40, lr=5e-2, warmup=0, eval_every=10))
     assert result.steps == 40
     assert result.val_loss[-1][1] < 0.5 * result.val_loss[0][1]
 

@@ -33,11 +33,12 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.api import measure  # noqa: E402
+from onnxprune.batches import LossBatches  # noqa: E402
+from onnxprune.bench import measure  # noqa: E402
 from onnxprune.data import load_calibration  # noqa: E402
 from onnxprune.errors import OnnxpruneError  # noqa: E402
 from onnxprune.losses import choose_loss  # noqa: E402
-from onnxprune.pipeline import Calibrated, cut_verified  # noqa: E402
+from onnxprune.pipeline import cut_units  # noqa: E402
 from onnxprune.plan import prunable_total, select  # noqa: E402
 from onnxprune.scores import check_method, compute_scores  # noqa: E402
 from onnxprune.scores.gradient import GradientPass  # noqa: E402
@@ -133,7 +134,7 @@ def grad_cost(args) -> None:
         analysis = analyse(model)
         calib = calibration(name, model, args.data).take(32)
         spec = choose_loss(model, calib.targets)
-        inputs, feeds = Calibrated(model, calib, spec, 32, args.threads).batches[0]
+        inputs, feeds = LossBatches(model, calib, spec, 32, args.threads).batches[0]
         grad = GradientPass(analysis, spec, ALL_GATES, threads=args.threads)
         fwd = session(model, args.threads)
         gated = session(grad.gated.model, args.threads)
@@ -255,7 +256,7 @@ def run_cell(job) -> list[dict]:
     calib = calibration(name, model, data_dir)
     spec = choose_loss(model, calib.targets)
     kinds = check_method(method, gran)
-    data = Calibrated(model, calib, spec, 32, threads)
+    data = LossBatches(model, calib, spec, 32, threads)
     scores = compute_scores(analysis, data, spec, method, kinds, seed=seed, threads=threads)
     score_s = time.perf_counter() - start
     total = prunable_total(analysis)
@@ -271,7 +272,7 @@ def run_cell(job) -> list[dict]:
             rec.update(error=str(exc), max_ratio=float(found.group(1)) / 100 if found else None)
             out.append(rec)
             continue
-        pruned, check = cut_verified(analysis, sel.units)
+        pruned, check = cut_units(analysis, sel.units)
         params, flops = measure(pruned, s.input_shapes)
         rec.update(metric=evaluate(pruned, name, data_dir, threads),
                    flops_reduction=1 - flops / s.flops, params_reduction=1 - params / s.params,

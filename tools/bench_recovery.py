@@ -26,9 +26,9 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from onnxprune.api import measure  # noqa: E402
+from onnxprune.bench import measure  # noqa: E402
 from onnxprune.data import load_calibration  # noqa: E402
-from onnxprune.finetune import FinetuneOptions, finetune  # noqa: E402
+from onnxprune.finetune import FinetuneOptions, fit  # noqa: E402
 from onnxprune.pipeline import PruneOptions, run_prune  # noqa: E402
 from onnxprune.runtime import make_session, run  # noqa: E402
 
@@ -55,7 +55,7 @@ def row(label: str, model: onnx.ModelProto, test, threads: int, base_flops: int,
 
 
 def recover(model, train, val, args) -> tuple[onnx.ModelProto, dict]:
-    result = finetune(model, train, val, FinetuneOptions(
+    result = fit(model, train, val, FinetuneOptions(
         steps=args.steps, lr=args.lr, batch_size=args.batch, eval_every=max(args.steps // 5, 1),
         patience=100, seed=args.seed, threads=args.threads))
     return result.model, {"ft_seconds": round(result.seconds, 1), "best_step": result.best_step}

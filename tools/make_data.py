@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from onnxprune.datasets import LogMelConfig, load_fsdd, load_windows, write_calibration  # noqa: E402
+from onnxprune.data import write_calibration  # noqa: E402
+from onnxprune.datasets import LogMelConfig, load_fsdd, load_windows  # noqa: E402
 from onnxprune.errors import OnnxpruneError  # noqa: E402
 
 GROUPS = ("etth1", "etth2", "fsdd")

@@ -4,7 +4,10 @@
   and per-channel standardisation fitted on train (ETT defaults).
 - :mod:`.audio`: a folder or ``.tar.gz`` of WAV clips to log-mel spectrograms.
 - :mod:`.synthetic`: generated series (seasonal, trend, AR, random walk, regime switches).
-- :mod:`.calib`: calibration ``.npz`` files keyed by model input and output names.
+
+Calibration ``.npz`` files keyed by model input and output names are read and written by
+:mod:`onnxprune.data` (``read_calibration``, ``write_calibration``), which builds on these
+loaders.
 """
 
 from onnxprune.datasets.audio import (
@@ -15,7 +18,6 @@ from onnxprune.datasets.audio import (
     log_mel,
     read_wav,
 )
-from onnxprune.datasets.calib import Calibration, read_calibration, write_calibration
 from onnxprune.datasets.timeseries import (
     ETT_SPLITS,
     Scaler,
@@ -28,7 +30,6 @@ from onnxprune.datasets.timeseries import (
 __all__ = [
     "ETT_SPLITS",
     "AudioSet",
-    "Calibration",
     "LogMelConfig",
     "Scaler",
     "Splits",
@@ -37,8 +38,6 @@ __all__ = [
     "load_fsdd",
     "load_windows",
     "log_mel",
-    "read_calibration",
     "read_csv",
     "read_wav",
-    "write_calibration",
 ]

@@ -1,0 +1,99 @@
+"""Calibration batches ready for a loss: the inputs, the loss-target feeds, and the original
+model's outputs on them (the reference that self-distillation and the quality figure need).
+
+Self-distillation has its minimum at the original model, so its gradient there is zero and
+says nothing. Gradient scores then use targets *sampled* from the model's own predictive
+distribution (output + Gaussian noise of the output's spread; a class drawn from the
+softmax): the mean squared per-sample gradient is then the true Fisher information, i.e.
+the curvature of the distillation loss (:meth:`LossBatches.gradient_batches`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxprune.data import CalibrationData
+from onnxprune.errors import OnnxpruneError
+from onnxprune.losses import (
+    LossSpec,
+    Quality,
+    numpy_sample_loss,
+    quality,
+    softmax,
+    target_feeds,
+    target_name,
+)
+from onnxprune.runtime import make_session, run
+
+Feeds = dict[str, np.ndarray]
+
+
+class LossBatches:
+    """The calibration data cut into batches of ``(inputs, loss-target feeds)``, with the
+    original ``model``'s outputs on every batch; calling it returns the batches."""
+
+    def __init__(self, model: onnx.ModelProto, calib: CalibrationData, spec: LossSpec,
+                 batch_size: int, threads: int, seed: int = 0):
+        self.spec = spec
+        self.seed = seed
+        session = make_session(model, threads=threads)
+        self.batches: list[tuple[Feeds, Feeds]] = []
+        self.raw_targets: list[Feeds] = []
+        self.reference: list[Feeds] = []
+        for inputs, targets in calib.batches(batch_size):
+            outputs = run(session, inputs)
+            _check_finite(outputs)
+            self.batches.append((inputs, target_feeds(spec, targets, outputs)))
+            self.raw_targets.append(targets)
+            self.reference.append(outputs)
+
+    def __call__(self) -> list[tuple[Feeds, Feeds]]:
+        return self.batches
+
+    def gradient_batches(self) -> list[tuple[Feeds, Feeds]]:
+        """The batches to differentiate: task targets as they are; for self-distillation,
+        targets sampled from the original model's predictive distribution (seeded)."""
+        if not self.spec.distill:
+            return self.batches
+        rng = np.random.default_rng(self.seed)
+        return [(inputs, sampled_targets(self.spec, reference, rng))
+                for (inputs, _), reference in zip(self.batches, self.reference)]
+
+    def evaluate(self, model: onnx.ModelProto, threads: int = 0) -> tuple[float, Quality]:
+        """Mean calibration loss and the quality figure of ``model``."""
+        session = make_session(model, threads=threads)
+        losses, outputs = [], []
+        for inputs, feeds in self.batches:
+            out = run(session, inputs)
+            losses.append(numpy_sample_loss(self.spec, out, feeds))
+            outputs.append(out)
+        joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+        targets = {k: np.concatenate([t[k] for t in self.raw_targets])
+                   for k in (self.raw_targets[0] if self.raw_targets else {})}
+        reference = {k: np.concatenate([o[k] for o in self.reference]) for k in joined}
+        return float(np.concatenate(losses).mean()), quality(self.spec, joined, targets,
+                                                             reference)
+
+
+def sampled_targets(spec: LossSpec, outputs: Feeds, rng: np.random.Generator) -> Feeds:
+    """Targets drawn from the model's predictive distribution at these outputs."""
+    feeds = {}
+    for name in spec.outputs:
+        y = np.asarray(outputs[name], dtype=np.float32)
+        if spec.kind == "ce":
+            p = softmax(y).reshape(-1, y.shape[-1]).astype(np.float64)
+            draws = [rng.choice(p.shape[1], p=row / row.sum()) for row in p]
+            value = np.eye(y.shape[-1], dtype=np.float32)[draws].reshape(y.shape)
+        else:
+            spread = float(y.std()) or 1.0
+            value = y + spread * rng.standard_normal(y.shape).astype(np.float32)
+        feeds[target_name(name)] = value
+    return feeds
+
+
+def _check_finite(outputs: Feeds) -> None:
+    for name, value in outputs.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise OnnxpruneError(f"the model's output {name!r} has NaN or inf on the "
+                                 "calibration data")
