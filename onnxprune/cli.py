@@ -32,7 +32,7 @@ from onnxprune.report import (
     structure_table,
     write_json,
 )
-from onnxprune.scores import GRANULARITIES, METHODS
+from onnxprune.scores import granularities, score_names
 
 COMMANDS = ("inspect", "cut", "prune", "score", "finetune", "eval", "bench")
 EXIT_QUALITY_GATE = 3
@@ -281,9 +281,9 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
                    help="calibration samples to use (seeded subset; default all, or 64 "
                         "synthetic)")
     g.add_argument("--batch-size", type=int, default=32, metavar="B")
-    g.add_argument("--method", default="fisher", choices=METHODS,
+    g.add_argument("--method", default="fisher", choices=score_names(),
                    help="sensitivity metric (default fisher)")
-    g.add_argument("--granularity", default="auto", choices=GRANULARITIES,
+    g.add_argument("--granularity", default="auto", choices=granularities(),
                    help="units to prune: module (whole attention, SPAT), head, channel "
                         "(per-head QK/VO), ffn (FFN channels), auto (heads, modules, FFN "
                         "channels ranked together; default)")

@@ -28,14 +28,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxprune.cut import fresh_name
-from onnxprune.runtime import input_specs, synthetic_feeds, trace
-from onnxprune.structure.blocks import AttentionBlock, Block, FfnBlock
+from onnxprune.passes import DerivePass, inputs_lost, outputs_changed, unread_inputs
+from onnxprune.runtime import synthetic_feeds, trace
+from onnxprune.shapes import doubled_batch_feeds, input_specs
+from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
-from onnxprune.structure.graph import ELEMENTWISE
-from onnxprune.units import Plan
-
-KINDS = ("module", "head", "qk", "vo", "ch")
+from onnxprune.structure.graph import fresh_name
+from onnxprune.units import BlockCut, Plan, UnitKind, kinds_of, unit_kinds
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,13 @@ class Gate:
 
     input: str
     block: str
-    kind: str
+    kind: str                    # module, head, qk, vo, ch, or send (score connections)
     size: int
     width: int = 0
     shape: tuple[int, ...] = ()
     batch_dim: int | None = None
     batch_inner: bool = False    # rows of one sample are strided by the batch ([T*B, ...])
+    unit: UnitKind | None = None  # the unit kind it gates (None for send)
 
     def shape_at(self, batch: int) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -103,18 +103,11 @@ def gate_name(block: str, kind: str) -> str:
     return f"gate.{block}" if kind == "module" else f"gate.{block}.{kind}"
 
 
-def _zero_removed(value: np.ndarray, gate: Gate, cut) -> None:
+def _zero_removed(value: np.ndarray, gate: Gate, cut: BlockCut) -> None:
     if cut.whole:
         value[...] = 0
-    elif gate.kind == "head":
-        value[..., sorted(cut.heads)] = 0
-    elif gate.kind in ("qk", "vo"):
-        for h in cut.heads:
-            value[..., h * gate.width:(h + 1) * gate.width] = 0
-        for h, channels in getattr(cut, gate.kind).items():
-            value[..., [h * gate.width + c for c in channels]] = 0
-    elif gate.kind == "ch":
-        value[..., sorted(cut.channels)] = 0
+    elif gate.unit is not None:
+        gate.unit.zero_gate(value, gate.width, cut)
 
 
 class Gater:
@@ -152,7 +145,8 @@ class Gater:
         return bool(np.allclose(two[0::2], one, rtol=1e-4, atol=1e-6))
 
     def add_input(self, block: str, kind: str, size: int, dtype: type, width: int = 0,
-                  tensor: str | None = None) -> tuple[gs.Variable, int | None]:
+                  tensor: str | None = None, unit: UnitKind | None = None
+                  ) -> tuple[gs.Variable, int | None]:
         """A new gate input; per-sample when ``tensor`` has a batch axis (returned)."""
         name = fresh_name(self.names, gate_name(block, kind))
         axis = self.batch_axis(tensor) if tensor else None
@@ -173,7 +167,7 @@ class Gater:
             inner = self.batch_is_inner(tensor, axis)
         var = gs.Variable(name, dtype=dtype, shape=declared)
         self.graph.inputs.append(var)
-        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim, inner))
+        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim, inner, unit))
         return var, axis
 
     def multiply(self, tensor: str, factor: gs.Tensor, label: str) -> None:
@@ -222,76 +216,32 @@ class Gater:
         target = self.const(f"{gate.name}_{label}_shape", np.array(shape, dtype=np.int64))
         return self.node("Reshape", [rows, target], f"{gate.name}_{label}", gate.dtype)
 
-    def vector_gate(self, block: str, kind: str, size: int, width: int, tensor: str,
-                    index: np.ndarray) -> None:
-        """Gate ``tensor``'s last axis: column j is multiplied by gate[index[j]]."""
-        gate, axis = self.add_input(block, kind, size, self.dtype_of(tensor), width, tensor)
-        rank = len(np.shape(self.analysis.trace[tensor]))
-        self.multiply(tensor, self.expand(gate, index, kind, axis, rank), f"{kind}_gated")
+    def unit(self, block: Block, kind: UnitKind) -> None:
+        """The gate of ``kind`` in ``block``: a scalar on the module output for a whole-module
+        kind, else a vector over the kind's site."""
+        if kind.whole:
+            tensor = block.module_output
+            gate, _ = self.add_input(block.name, kind.gate, 0, self.dtype_of(tensor),
+                                     tensor=tensor, unit=kind)
+            self.multiply(tensor, gate, "gated")
+            return
+        site = kind.site(self.analysis, block)
+        gate, axis = self.add_input(block.name, kind.gate, site.size,
+                                    self.dtype_of(site.tensor), site.width, site.tensor, kind)
+        rank = len(np.shape(self.analysis.trace[site.tensor]))
+        self.multiply(site.tensor, self.expand(gate, site.index, kind.gate, axis, rank),
+                      f"{kind.gate}_gated")
 
-    def module(self, block: Block) -> None:
-        tensor = block.module_output
-        gate, _ = self.add_input(block.name, "module", 0, self.dtype_of(tensor), tensor=tensor)
-        self.multiply(tensor, gate, "gated")
-
-    def attention(self, block: AttentionBlock, kinds: set[str]) -> None:
-        for kind in ("head", "vo", "qk"):
-            if kind in kinds and (kind == "head" or block.channel_prunable):
-                tensor, index, size, width = attention_site(self.analysis, block, kind)
-                self.vector_gate(block.name, kind, size, width, tensor, index)
-        if "send" in kinds and self.nodes[block.anchor].op == "Softmax":
-            tensor = self.nodes[block.anchor].outputs[0].name
-            if self.batch_axis(tensor) is not None:
-                gate, _ = self.add_input(block.name, "send", 0, self.dtype_of(tensor),
-                                         tensor=tensor)
-                self.multiply(tensor, gate, "send_gated")
-
-    def ffn(self, block: FfnBlock) -> None:
-        tensor, index = ffn_site(block)
-        self.vector_gate(block.name, "ch", block.channels, 0, tensor, index)
-
-
-def attention_site(analysis: Analysis, block: AttentionBlock, kind: str
-                   ) -> tuple[str, np.ndarray, int, int]:
-    """Where a head/vo/qk gate goes: (tensor, index, gate size, channels per head); column
-    j of the tensor's last axis belongs to gate entry index[j] (-1: none)."""
-    if kind == "qk":
-        tensor = after_elementwise(analysis, block.q_proj, block)
-        labels = block.flow.labels[tensor]
-        cols = labels.reshape(-1, np.shape(labels)[-1])[0]
-        q_pos = {int(q): h * block.qk_dim + d for h, row in enumerate(block.q_labels)
-                 for d, q in enumerate(row)}
-        index = np.array([q_pos.get(int(c), -1) for c in cols])
-        return tensor, index, block.heads * block.qk_dim, block.qk_dim
-    sink = block.flow.sinks[0]
-    v_pos = {int(v): (h, d) for h, row in enumerate(block.v_labels) for d, v in enumerate(row)}
-    if kind == "head":
-        return sink.input, np.array([v_pos[int(r)][0] for r in sink.rows]), block.heads, 0
-    index = np.array([v_pos[int(r)][0] * block.vo_dim + v_pos[int(r)][1] for r in sink.rows])
-    return sink.input, index, block.heads * block.vo_dim, block.vo_dim
-
-
-def ffn_site(block: FfnBlock) -> tuple[str, np.ndarray]:
-    """The down-projection input and, per column, its FFN channel."""
-    sink = block.flow.sinks[0]
-    channel = {int(label): c for row in block.up_labels for c, label in enumerate(row)}
-    uf = block.flow.uf
-    by_root = {uf.find(k): c for k, c in channel.items()}
-    return sink.input, np.array([by_root[uf.find(int(r))] for r in sink.rows])
-
-
-def after_elementwise(analysis: Analysis, projection: str, block: AttentionBlock) -> str:
-    """The projection output after its bias (and other elementwise ops with constants)."""
-    view = analysis.view
-    tensor = view.node[projection].outputs[0].name
-    while True:
-        users = [u for u in view.consumers.get(tensor, []) if u.op != "Shape"]
-        if len(users) != 1 or users[0].op not in ELEMENTWISE:
-            return tensor
-        if any(t.name in block.flow.labels for t in view.data_inputs(users[0])
-               if t.name != tensor):
-            return tensor
-        tensor = users[0].outputs[0].name
+    def send(self, block: Block) -> None:
+        """A whole-tensor gate on the softmax output (SEND's score connections)."""
+        anchor = self.analysis.view.node[block.anchor]
+        if anchor.op != "Softmax":
+            return
+        tensor = anchor.outputs[0].name
+        if self.batch_axis(tensor) is not None:
+            gate, _ = self.add_input(block.name, "send", 0, self.dtype_of(tensor),
+                                     tensor=tensor)
+            self.multiply(tensor, gate, "send_gated")
 
 
 def batch_trace(analysis: Analysis) -> dict[str, np.ndarray]:
@@ -300,37 +250,60 @@ def batch_trace(analysis: Analysis) -> dict[str, np.ndarray]:
     each tensor carries the batch, and how its rows are ordered."""
     specs = input_specs(analysis.model)
     extra = synthetic_feeds(specs, analysis.structure.input_shapes, seed=1)
-    feeds = {}
-    for spec in specs:
-        first = np.asarray(analysis.trace[spec.name])
-        dynamic = spec.dims and not isinstance(spec.dims[0], int)
-        feeds[spec.name] = np.concatenate([first, extra[spec.name]]) if dynamic else first
-    return trace(analysis.model, feeds)
+    return trace(analysis.model, doubled_batch_feeds(specs, analysis.trace, extra))
 
 
-def gate_model(analysis: Analysis, kinds: Iterable[str] = KINDS,
-               blocks: Iterable[str] | None = None, per_sample: bool = False) -> GatedModel:
-    """The model with gate inputs for the given unit kinds of the given (default: all) blocks.
+class GatePass(DerivePass):
+    """Gating as a pass. Pre: the model is the analysed one and the blocks asked for exist.
+    Post: graph inputs and outputs as before (gates come after the inputs), and every gate
+    input is declared and read."""
 
-    ``kinds`` may also hold "send" (a whole-tensor gate on each softmax output, per-sample
-    mode only)."""
-    kinds = set(kinds)
-    wanted = set(blocks) if blocks is not None else None
-    gater = Gater(analysis, per_sample)
-    for block in analysis.structure.blocks:
-        if wanted is not None and block.name not in wanted:
-            continue
-        if "module" in kinds and block.removable:
-            gater.module(block)
-        if not block.prunable or block.flow is None:
-            continue
-        if isinstance(block, AttentionBlock):
-            gater.attention(block, kinds)
-        elif isinstance(block, FfnBlock) and "ch" in kinds:
-            gater.ffn(block)
-    gater.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(gater.graph)
-    model.ir_version = analysis.model.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(analysis.model.opset_import)
-    return GatedModel(model, gater.gates, gater.batch_trace, gater.aliases)
+    name = "gate"
+
+    def __init__(self, analysis: Analysis, kinds: Iterable[UnitKind] | None = None,
+                 blocks: Iterable[str] | None = None, per_sample: bool = False,
+                 send: bool = False):
+        self.analysis = analysis
+        self.kinds = set(unit_kinds() if kinds is None else kinds)
+        self.blocks = None if blocks is None else set(blocks)
+        self.per_sample = per_sample
+        self.send = send
+
+    def pre(self, model: onnx.ModelProto) -> list[str]:
+        broken = [] if model is self.analysis.model else ["the model is not the analysed one"]
+        known = {b.name for b in self.analysis.structure.blocks}
+        return broken + [f"no block {b}" for b in sorted((self.blocks or set()) - known)]
+
+    def apply(self, model: onnx.ModelProto) -> GatedModel:
+        gater = Gater(self.analysis, self.per_sample)
+        for block in self.analysis.structure.blocks:
+            if self.blocks is not None and block.name not in self.blocks:
+                continue
+            for kind in kinds_of(block):
+                if kind in self.kinds and kind.refusal(block) is None:
+                    gater.unit(block, kind)
+            if self.send and block.flow is not None:
+                gater.send(block)
+        gater.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        gated = gs.export_onnx(gater.graph)
+        gated.ir_version = model.ir_version
+        del gated.opset_import[:]
+        gated.opset_import.extend(model.opset_import)
+        self.made = [g.input for g in gater.gates]
+        return GatedModel(gated, gater.gates, gater.batch_trace, gater.aliases)
+
+    def model_of(self, result: GatedModel) -> onnx.ModelProto:
+        return result.model
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        return outputs_changed(before, after) + inputs_lost(before, after) + \
+            unread_inputs(after, self.made)
+
+
+def gate_model(analysis: Analysis, kinds: Iterable[UnitKind] | None = None,
+               blocks: Iterable[str] | None = None, per_sample: bool = False,
+               send: bool = False) -> GatedModel:
+    """The model with gate inputs for the given unit kinds (default: all) of the given
+    (default: all) blocks; ``send`` adds a whole-tensor gate on each softmax output
+    (per-sample mode only)."""
+    return GatePass(analysis, kinds, blocks, per_sample, send).run(analysis.model)

@@ -12,28 +12,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
-from onnxprune.cut import apply_plan
+from onnxprune.batches import LossBatches
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
-from onnxprune.losses import (
-    LossSpec,
-    Quality,
-    choose_loss,
-    numpy_sample_loss,
-    quality,
-    softmax,
-    target_feeds,
-    target_name,
-)
+from onnxprune.losses import Quality, choose_loss
 from onnxprune.plan import prunable_total, select
-from onnxprune.runtime import input_specs, make_session, run
-from onnxprune.scores import check_method, compute_scores
+from onnxprune.scores import ImportanceScore, check_method, compute_scores, resolve_score
+from onnxprune.shapes import analysis_shapes, input_specs
 from onnxprune.structure.discover import Analysis, analyse
-from onnxprune.units import parse_units
-from onnxprune.verify import Verification, verify
+from onnxprune.surgery import cut_verified
+from onnxprune.units import Unit, make_plan
+from onnxprune.verify import Verification
 
 Progress = Callable[[str, int, int], None]
 
@@ -41,7 +32,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass
 class PruneOptions:
     ratio: float
-    method: str = "fisher"
+    method: str | ImportanceScore = "fisher"   # a registered score's name, or an instance
     granularity: str = "auto"
     target: str = "params"
     steps: int = 1
@@ -72,7 +63,7 @@ class PruneOptions:
 @dataclass
 class StepRecord:
     step: int
-    units: list[str]
+    units: list[Unit]
     removed_fraction: float
     scores_seconds: float
     fallbacks: list[str]
@@ -102,7 +93,7 @@ class Report:
     steps: list[StepRecord]
     scores: dict[str, float] = field(default_factory=dict)
     seed: int = 0
-    calibration: Calibrated | None = field(default=None, repr=False)   # to re-measure
+    calibration: LossBatches | None = field(default=None, repr=False)   # to re-measure
 
     @property
     def drop(self) -> float:
@@ -122,113 +113,24 @@ class Report:
                        "relative_drop": self.drop},
             "seconds": round(self.seconds, 3),
             "removed": self.removed,
-            "steps": [vars(s) for s in self.steps],
+            "steps": [{**vars(s), "units": [u.name for u in s.units]} for s in self.steps],
             "scores": self.scores,
         }
-
-
-class Calibrated:
-    """Calibration batches with loss-target feeds, and the original model's outputs.
-
-    Self-distillation has its minimum at the original model, so its gradient there is zero
-    and says nothing. Gradient scores then use targets *sampled* from the model's own
-    predictive distribution (output + Gaussian noise of the output's spread; a class drawn
-    from the softmax): the mean squared per-sample gradient is then the true Fisher
-    information, i.e. the curvature of the distillation loss (``gradient_batches``)."""
-
-    def __init__(self, model: onnx.ModelProto, calib: CalibrationData, spec: LossSpec,
-                 batch_size: int, threads: int, seed: int = 0):
-        self.spec = spec
-        self.seed = seed
-        session = make_session(model, threads=threads)
-        self.batches: list[tuple[dict, dict]] = []
-        self.raw_targets: list[dict] = []
-        self.reference: list[dict] = []
-        for inputs, targets in calib.batches(batch_size):
-            outputs = run(session, inputs)
-            for name, value in outputs.items():
-                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                    raise OnnxpruneError(f"the model's output {name!r} has NaN or inf on the "
-                                         "calibration data")
-            self.batches.append((inputs, target_feeds(spec, targets, outputs)))
-            self.raw_targets.append(targets)
-            self.reference.append(outputs)
-
-    def __call__(self) -> list[tuple[dict, dict]]:
-        return self.batches
-
-    def gradient_batches(self) -> list[tuple[dict, dict]]:
-        if not self.spec.distill:
-            return self.batches
-        rng = np.random.default_rng(self.seed)
-        out = []
-        for (inputs, _), reference in zip(self.batches, self.reference):
-            out.append((inputs, sampled_targets(self.spec, reference, rng)))
-        return out
-
-    def evaluate(self, model: onnx.ModelProto, threads: int = 0) -> tuple[float, Quality]:
-        """Mean calibration loss and the quality figure of ``model``."""
-        session = make_session(model, threads=threads)
-        losses, outputs = [], []
-        for inputs, feeds in self.batches:
-            out = run(session, inputs)
-            losses.append(numpy_sample_loss(self.spec, out, feeds))
-            outputs.append(out)
-        joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-        targets = {k: np.concatenate([t[k] for t in self.raw_targets])
-                   for k in (self.raw_targets[0] if self.raw_targets else {})}
-        reference = {k: np.concatenate([o[k] for o in self.reference]) for k in joined}
-        return float(np.concatenate(losses).mean()), quality(self.spec, joined, targets,
-                                                             reference)
-
-
-def sampled_targets(spec: LossSpec, outputs: dict[str, np.ndarray],
-                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Targets drawn from the model's predictive distribution at these outputs."""
-    feeds = {}
-    for name in spec.outputs:
-        y = np.asarray(outputs[name], dtype=np.float32)
-        if spec.kind == "ce":
-            p = softmax(y).reshape(-1, y.shape[-1]).astype(np.float64)
-            draws = [rng.choice(p.shape[1], p=row / row.sum()) for row in p]
-            value = np.eye(y.shape[-1], dtype=np.float32)[draws].reshape(y.shape)
-        else:
-            spread = float(y.std()) or 1.0
-            value = y + spread * rng.standard_normal(y.shape).astype(np.float32)
-        feeds[target_name(name)] = value
-    return feeds
-
-
-def analysis_shapes(model: onnx.ModelProto, calib: CalibrationData,
-                    shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
-    """The shapes to analyse at: the given ones, else the calibration data's at batch 1 (a
-    static batch stays), so dynamic sequence lengths are traced as they will be scored."""
-    if shapes:
-        return shapes
-    out = {}
-    for spec in input_specs(model):
-        array = calib.inputs.get(spec.name)
-        if array is None:
-            continue
-        dims = [d if isinstance(d, int) else int(n) for d, n in zip(spec.dims, array.shape)]
-        if spec.dims and not isinstance(spec.dims[0], int):
-            dims[0] = 1
-        out[spec.name] = tuple(dims)
-    return out
 
 
 def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions,
               progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     opts.check()
     start = time.perf_counter()
-    opts.shapes = analysis_shapes(model, calib, opts.shapes)
+    opts.shapes = analysis_shapes(input_specs(model), calib.inputs, opts.shapes)
     kinds = check_method(opts.method, opts.granularity)
+    method = resolve_score(opts.method).name
     first = analyse(model, opts.shapes)
     if not first.structure.attention:
         raise OnnxpruneError("no attention blocks found: onnxprune prunes transformer "
                              "attention and feed-forward blocks")
     spec = choose_loss(model, calib.targets, opts.loss)
-    data = Calibrated(model, calib, spec, opts.batch_size, opts.threads, opts.seed)
+    data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed)
     loss_before, quality_before = data.evaluate(model, opts.threads)
     total = prunable_total(first, opts.target)
     current, analysis = model, first
@@ -243,7 +145,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
 
         def tick(done: int, count: int, step: int = step) -> None:
             if progress:
-                progress(f"step {step}/{opts.steps} {opts.method}", done, count)
+                progress(f"step {step}/{opts.steps} {method}", done, count)
 
         scores = compute_scores(analysis, data, spec, opts.method, kinds, ema=opts.ema,
                                 seed=opts.seed + step - 1, threads=opts.threads,
@@ -251,15 +153,15 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
         first_scores = first_scores or scores.units()
         chosen = select(analysis, scores, kinds, budget, target=opts.target,
                         round_to=opts.round_to)
-        current, check = cut_verified(analysis, chosen.units)
+        current, check = cut_units(analysis, chosen.units)
         analysis = analyse(current, opts.shapes)
         records.append(StepRecord(step, chosen.units,
                                   1 - prunable_total(analysis, opts.target) / total,
                                   round(scores.seconds, 3), scores.fallbacks,
                                   check.max_abs_diff))
-        units += [f"step{step}:{u}" if opts.steps > 1 else u for u in chosen.units]
+        units += [f"step{step}:{u.name}" if opts.steps > 1 else u.name for u in chosen.units]
     loss_after, quality_after = data.evaluate(current, opts.threads)
-    report = Report(opts.method, opts.granularity, opts.target, opts.ratio, spec.describe,
+    report = Report(method, opts.granularity, opts.target, opts.ratio, spec.describe,
                     {"source": calib.source, "samples": calib.n_samples,
                      "data_free": calib.data_free},
                     first.structure.params, analysis.structure.params, first.structure.flops,
@@ -269,7 +171,5 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     return current, report
 
 
-def cut_verified(analysis: Analysis, units: list[str]) -> tuple[onnx.ModelProto, Verification]:
-    plan = parse_units(units, analysis.structure)
-    pruned = apply_plan(analysis, plan)
-    return pruned, verify(analysis, plan, pruned)
+def cut_units(analysis: Analysis, units: list[Unit]) -> tuple[onnx.ModelProto, Verification]:
+    return cut_verified(analysis, make_plan(units, analysis.structure))

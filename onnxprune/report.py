@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxprune.structure.blocks import AttentionBlock, Block, FfnBlock, Structure
+import numpy as np
+
+from onnxprune.structure.blocks import Block, Structure
 from onnxprune.structure.discover import Analysis
+from onnxprune.units import kinds_of, module_kind, unit_kind
 
 
 def block_reason(block: Block) -> str:
     if not block.prunable:
         return block.reason
-    notes = [] if block.removable else [f"not removable whole: {block.reason}"]
-    if isinstance(block, AttentionBlock) and not block.channel_prunable:
-        notes.append(f"no QK/VO channel cuts: {block.channel_reason}")
-    return "; ".join(notes)
+    notes = [note for kind in kinds_of(block) if (note := kind.limitation(block))]
+    return "; ".join(dict.fromkeys(notes))
 
 
 def _weights(analysis: Analysis, node_name: str) -> dict[str, str | None]:
@@ -37,19 +38,12 @@ def block_json(block: Block, analysis: Analysis) -> dict[str, Any]:
         "removable": block.removable, "prunable": block.prunable,
         "reason": block_reason(block),
     }
-    if isinstance(block, AttentionBlock) and block.heads:
-        entry.update(heads=block.heads, qk_dim=block.qk_dim, vo_dim=block.vo_dim,
-                     channel_prunable=block.channel_prunable)
-        entry["projections"] = {role: _weights(analysis, name) for role, name in
-                                (("q", block.q_proj), ("k", block.k_proj),
-                                 ("v", block.v_proj), ("o", block.o_proj)) if name}
-    elif isinstance(block, FfnBlock):
-        entry.update(channels=block.channels or None, activation=block.activation,
-                     gated=block.gated)
-        if block.prunable:
-            entry["projections"] = {
-                **{f"up{i}": _weights(analysis, u) for i, u in enumerate(block.up_projs)},
-                "down": _weights(analysis, block.down_proj)}
+    for kind in kinds_of(block):
+        entry.update(kind.describe(block))
+    projections = module_kind(block).projections(block)
+    if projections:
+        entry["projections"] = {role: _weights(analysis, node)
+                                for role, node in projections.items()}
     entry["residual_add"] = block.residual_add
     return entry
 
@@ -77,15 +71,10 @@ def structure_table(analysis: Analysis) -> str:
     lines = [f"{'block':<8} {'kind':<10} {'heads':>5} {'qk':>4} {'vo':>4} {'chan':>6} "
              f"{'params':>9} {'FLOPs':>9}  removable  notes"]
     for b in s.blocks:
-        heads = qk = vo = chan = "-"
-        if isinstance(b, AttentionBlock) and b.heads:
-            heads, qk, vo = str(b.heads), str(b.qk_dim), str(b.vo_dim)
-        if isinstance(b, FfnBlock):
-            chan = str(b.channels or "-")
-            extra = f"{b.activation}"
-        else:
-            extra = ""
-        notes = "; ".join(x for x in (extra, block_reason(b)) if x)
+        fields = block_json_sizes(b)
+        heads, qk, vo, chan = (str(fields.get(k) or "-") for k in
+                               ("heads", "qk_dim", "vo_dim", "channels"))
+        notes = "; ".join(x for x in (fields.get("activation", ""), block_reason(b)) if x)
         lines.append(f"{b.name:<8} {b.kind:<10} {heads:>5} {qk:>4} {vo:>4} {chan:>6} "
                      f"{human(b.params):>9} {human(b.flops):>9}  "
                      f"{'yes' if b.removable else 'no':<9}  {notes}")
@@ -95,6 +84,14 @@ def structure_table(analysis: Analysis) -> str:
         lines.append(f"note: dynamic dims of {', '.join(analysis.dynamic_defaults)} taken as 1; "
                      "use --shape NAME:D0,D1,... for real sizes")
     return "\n".join(lines)
+
+
+def block_json_sizes(block: Block) -> dict[str, Any]:
+    """What the kinds of ``block`` describe (sizes, activation)."""
+    fields: dict[str, Any] = {}
+    for kind in kinds_of(block):
+        fields.update(kind.describe(block))
+    return fields
 
 
 def write_json(path: str, data: dict) -> None:
@@ -116,15 +113,6 @@ def write_json(path: str, data: dict) -> None:
         raise
 
 
-def _kind_of(unit: str) -> str:
-    tail = unit.split(":")[-1]
-    if "." not in tail:
-        return "attention modules" if tail.startswith("attn") else "FFN modules"
-    part = tail.split(".")[1]
-    return {"head": "heads", "qk": "QK channels", "vo": "VO channels",
-            "ch": "FFN channels"}[part.rstrip("0123456789")]
-
-
 def _change(before: float, after: float) -> str:
     return f"{(after - before) / before:+.1%}" if before else "n/a"
 
@@ -132,8 +120,9 @@ def _change(before: float, after: float) -> str:
 def prune_summary(report) -> str:
     """The short table the main job prints."""
     counts: dict[str, int] = {}
-    for unit in report.removed:
-        counts[_kind_of(unit)] = counts.get(_kind_of(unit), 0) + 1
+    for step in report.steps:
+        for unit in step.units:
+            counts[unit.kind.plural] = counts.get(unit.kind.plural, 0) + 1
     data = report.data
     source = (f"synthetic inputs ({data['samples']} samples, data-free)" if data["data_free"]
               else f"{data['source']} ({data['samples']} samples)")
@@ -176,10 +165,10 @@ def scores_table(scores) -> str:
              f"({scores.seconds:.1f} s); higher = more important"]
     for note in scores.fallbacks:
         lines.append(f"note: {note}")
-    for (block, kind), value in sorted(scores.values.items()):
-        import numpy as np
-
+    for (block, kind), value in sorted(scores.values.items(), key=lambda kv: (kv[0][0],
+                                                                             kv[0][1].gate)):
         v = np.asarray(value, dtype=float)
+        kind = kind.gate
         if v.ndim == 0:
             lines.append(f"  {block:<8}{kind:<7}{float(v):12.4g}")
         else:
@@ -199,10 +188,8 @@ def plot_scores(scores, path: str) -> None:
         from onnxprune.errors import OnnxpruneError
 
         raise OnnxpruneError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
-    import numpy as np
-
-    heads = {b: np.asarray(v) for (b, k), v in scores.values.items() if k == "head"}
-    modules = {b: float(v) for (b, k), v in scores.values.items() if k == "module"}
+    heads = {b: np.asarray(v) for (b, k), v in scores.values.items() if k is unit_kind("head")}
+    modules = {b: float(v) for (b, k), v in scores.values.items() if k.whole}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[3, 1])
     if heads:
         names = sorted(heads, key=lambda n: int(n[4:]))

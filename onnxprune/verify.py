@@ -10,7 +10,8 @@ import onnx
 
 from onnxprune.errors import VerificationError
 from onnxprune.gates import gate_model
-from onnxprune.runtime import input_specs, make_session, run, synthetic_feeds
+from onnxprune.runtime import make_session, run, synthetic_feeds
+from onnxprune.shapes import input_specs, verification_shapes
 from onnxprune.structure.discover import Analysis
 from onnxprune.units import Plan
 
@@ -27,18 +28,6 @@ class Verification:
                 f"(relative {self.max_rel_diff:.2e})")
 
 
-def verification_shapes(analysis: Analysis) -> dict[str, tuple[int, ...]]:
-    """The traced shapes, with a dynamic leading (batch) dim set to 2: a different size from
-    the analysis proves dynamic dims survived the cut."""
-    shapes = dict(analysis.structure.input_shapes)
-    for spec in input_specs(analysis.model):
-        if spec.dims and not isinstance(spec.dims[0], int):
-            shape = list(shapes[spec.name])
-            shape[0] = 2 if shape[0] != 2 else 3
-            shapes[spec.name] = tuple(shape)
-    return shapes
-
-
 def check_model(model: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -52,7 +41,7 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
     """Raise VerificationError unless the cut model is exactly the gated original."""
     check_model(cut, "the cut model")
     gated = gate_model(analysis, blocks=list(plan.cuts))
-    shapes = verification_shapes(analysis)
+    shapes = verification_shapes(input_specs(analysis.model), analysis.structure.input_shapes)
     feeds = synthetic_feeds(input_specs(analysis.model), shapes, seed=seed)
     reference = run(make_session(gated.model), {**feeds, **gated.feeds(plan)})
     try:

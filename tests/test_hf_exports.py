@@ -9,10 +9,10 @@ import pytest
 from hf_forms import export_hf, hf_combos
 from plans import random_plan
 
-from onnxprune.cut import apply_plan
 from onnxprune.gates import gate_model
 from onnxprune.runtime import make_session, run
 from onnxprune.structure.discover import analyse
+from onnxprune.surgery import apply_plan
 from onnxprune.units import parse_units
 
 COMBOS = [(n, d) for n, d, dyn, why in hf_combos() if dyn and why is None]

@@ -8,20 +8,25 @@ import onnx
 import pytest
 
 import onnxprune
+from onnxprune.batches import LossBatches
 from onnxprune.data import CalibrationData
 from onnxprune.gates import gate_model
 from onnxprune.losses import SAMPLE_LOSS, choose_loss, with_loss
-from onnxprune.pipeline import Calibrated
 from onnxprune.runtime import make_session, run
 from onnxprune.scores import compute_scores
 from onnxprune.scores.gradient import GradientPass, GradientStatistic
-from onnxprune.scores.weights import effective_weight
 from onnxprune.structure.discover import analyse
+from onnxprune.structure.graph import effective_weight
+from onnxprune.units import unit_kind, unit_kinds
 
 # forms with different layouts: batch-first, seq-first (batch on axis 1), fused QKV, the
 # ONNX BatchNorm/RevIN forecaster, gated FFN
 GRADIENT_FORMS = ["hf_bias", "mha_sf", "fused_chunk", "patchtst_ln", "ffn_swiglu"]
-ALL_KINDS = ("module", "head", "qk", "vo", "ch")
+ALL_KINDS = unit_kinds()
+
+
+def _kinds(*keys):
+    return {unit_kind(k) for k in keys}
 
 
 def _setup(export_cache, name: str, dynamic: bool = True, batch: int = 3):
@@ -46,7 +51,7 @@ def _per_sample_loss(model_with_loss, feeds):
 @pytest.mark.parametrize("name", GRADIENT_FORMS)
 def test_gate_gradients_match_finite_differences(export_cache, name):
     model, analysis, calib, spec = _setup(export_cache, name)
-    data = Calibrated(model, calib, spec, 8, 0)
+    data = LossBatches(model, calib, spec, 8, 0)
     (inputs, targets), = data()
     grad = GradientPass(analysis, spec, ALL_KINDS)
     _, grads = grad(inputs, targets)
@@ -73,8 +78,8 @@ def test_gate_gradients_match_finite_differences(export_cache, name):
 
 def test_static_batch_gates_give_the_batch_gradient(export_cache):
     model, analysis, calib, spec = _setup(export_cache, "hf_bias", dynamic=False)
-    grad = GradientPass(analysis, spec, ("head",))
-    (inputs, targets), = Calibrated(model, calib, spec, calib.n_samples, 0)()
+    grad = GradientPass(analysis, spec, _kinds("head"))
+    (inputs, targets), = LossBatches(model, calib, spec, calib.n_samples, 0)()
     _, grads = grad(inputs, targets)
     gate = grad.gates[0]
     assert gate.batch_dim is None and grads[gate].shape == (1, gate.size)
@@ -90,7 +95,7 @@ def test_static_batch_gates_give_the_batch_gradient(export_cache):
 
 def test_per_sample_gates_at_one_reproduce_the_model(export_cache):
     model, analysis, calib, _ = _setup(export_cache, "mha_sf")
-    gated = gate_model(analysis, (*ALL_KINDS, "send"), per_sample=True)
+    gated = gate_model(analysis, ALL_KINDS, per_sample=True, send=True)
     x = calib.inputs["x"]
     want = run(make_session(model, optimize=False), {"x": x})
     got = run(make_session(gated.model, optimize=False), {"x": x, **gated.feeds(batch=len(x))})
@@ -100,8 +105,8 @@ def test_per_sample_gates_at_one_reproduce_the_model(export_cache):
 
 def test_ablation_equals_rerun_of_the_cut_model(export_cache):
     model, analysis, calib, spec = _setup(export_cache, "hf_bias")
-    data = Calibrated(model, calib, spec, 2, 0)
-    scores = compute_scores(analysis, data, spec, "ablation", {"attn", "ffn", "head"})
+    data = LossBatches(model, calib, spec, 2, 0)
+    scores = compute_scores(analysis, data, spec, "ablation", _kinds("attn", "ffn", "head"))
     base, _ = data.evaluate(model)
     for unit in ("attn0.head1", "attn1", "ffn0"):
         cut = onnxprune.cut(model, [unit]).model
@@ -122,11 +127,11 @@ def _numpy_send(s: np.ndarray) -> float:
 
 def test_send_matches_numpy_reference(export_cache):
     model, analysis, calib, spec = _setup(export_cache, "hf_bias", batch=2)
-    data = Calibrated(model, calib, spec, 2, 0)
-    scores = compute_scores(analysis, data, spec, "send", {"attn"})
+    data = LossBatches(model, calib, spec, 2, 0)
+    scores = compute_scores(analysis, data, spec, "send", _kinds("attn"))
     block = analysis.structure.attention[0]
     # reference: S = ∂L/∂A ⊙ A by central differences on a whole-tensor gate on A
-    gated = gate_model(analysis, ("send",), blocks=[block.name], per_sample=True)
+    gated = gate_model(analysis, [], blocks=[block.name], per_sample=True, send=True)
     (gate,) = gated.gates
     lossy = with_loss(gated.model, spec)
     (inputs, targets), = data()
@@ -141,7 +146,7 @@ def test_send_matches_numpy_reference(export_cache):
             losses.append(_per_sample_loss(lossy, {**inputs, **targets, **feeds}))
         s[(slice(None), *index)] = (losses[0] - losses[1]) / (2 * eps)
     want = _numpy_send(s)
-    assert scores.values[(block.name, "module")] == pytest.approx(want, rel=2e-2)
+    assert scores.array(block.name, "attn") == pytest.approx(want, rel=2e-2)
 
 
 def test_fisher_ema_and_taylor_formulas():
@@ -162,20 +167,19 @@ def test_fisher_ema_and_taylor_formulas():
 
 def test_magnitude_adds_up_to_the_projection_weights(export_cache):
     _, analysis, _, spec = _setup(export_cache, "hf_bias")
-    scores = compute_scores(analysis, None, spec, "magnitude", {"attn", "ffn", "head", "qk",
-                                                                 "vo", "ch"})
+    scores = compute_scores(analysis, None, spec, "magnitude", set(ALL_KINDS))
     view = analysis.view
     for block in analysis.structure.attention:
         total = sum((effective_weight(view, n) ** 2).sum()
                     for n in (block.q_proj, block.k_proj, block.v_proj, block.o_proj))
-        assert float(scores.values[(block.name, "module")]) == pytest.approx(total, rel=1e-9)
-        heads = scores.values[(block.name, "head")]
-        pairs = scores.values[(block.name, "qk")].sum(1) + scores.values[(block.name, "vo")].sum(1)
+        assert float(scores.array(block.name, "attn")) == pytest.approx(total, rel=1e-9)
+        heads = scores.array(block.name, "head")
+        pairs = scores.array(block.name, "qk").sum(1) + scores.array(block.name, "vo").sum(1)
         np.testing.assert_allclose(heads, pairs)
     for block in analysis.structure.ffn:
         total = sum((effective_weight(view, n) ** 2).sum()
                     for n in (*block.up_projs, block.down_proj))
-        assert scores.values[(block.name, "ch")].sum() == pytest.approx(total, rel=1e-9)
+        assert scores.array(block.name, "ch").sum() == pytest.approx(total, rel=1e-9)
 
 
 def test_stat_sees_a_dead_ffn_channel(export_cache):
@@ -196,16 +200,16 @@ def test_stat_sees_a_dead_ffn_channel(export_cache):
             b[3] = -1
             init.CopyFrom(onnx.numpy_helper.from_array(b, init.name))
     analysis = analyse(model)
-    data = Calibrated(model, calib, spec, 3, 0)
-    scores = compute_scores(analysis, data, spec, "stat", {"ch", "head"})
-    ch = scores.values[(block.name, "ch")]
+    data = LossBatches(model, calib, spec, 3, 0)
+    scores = compute_scores(analysis, data, spec, "stat", _kinds("ch", "head"))
+    ch = scores.array(block.name, "ch")
     assert ch[3] == 0 and ((ch >= 0) & (ch <= 1)).all() and ch.max() > 0
-    assert (scores.values[(analysis.structure.attention[0].name, "head")] > 0).all()
+    assert (scores.array(analysis.structure.attention[0].name, "head") > 0).all()
 
 
 def test_random_is_seeded(export_cache):
     _, analysis, _, spec = _setup(export_cache, "hf_bias")
-    kinds = {"head", "ch"}
+    kinds = _kinds("head", "ch")
     a = compute_scores(analysis, None, spec, "random", kinds, seed=1).units()
     b = compute_scores(analysis, None, spec, "random", kinds, seed=1).units()
     c = compute_scores(analysis, None, spec, "random", kinds, seed=2).units()
@@ -221,11 +225,11 @@ def test_data_free_fisher_agrees_with_ablation(export_cache):
     spec = choose_loss(model, {})
     assert spec.distill
     analysis = analyse(model)
-    data = Calibrated(model, calib, spec, 8, 0)
-    fisher = compute_scores(analysis, data, spec, "fisher", {"head"}).values
-    exact = compute_scores(analysis, data, spec, "ablation", {"head"}).values
-    a = np.concatenate([fisher[k] for k in sorted(fisher)])
-    b = np.concatenate([exact[k] for k in sorted(exact)])
+    data = LossBatches(model, calib, spec, 8, 0)
+    fisher = compute_scores(analysis, data, spec, "fisher", _kinds("head")).values
+    exact = compute_scores(analysis, data, spec, "ablation", _kinds("head")).values
+    a = np.concatenate([fisher[k] for k in sorted(fisher, key=lambda k: k[0])])
+    b = np.concatenate([exact[k] for k in sorted(exact, key=lambda k: k[0])])
     assert a.min() > 1e-8                      # not the numerical noise of a zero gradient
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     assert np.corrcoef(rank(a), rank(b))[0, 1] > 0.6
@@ -243,14 +247,14 @@ def test_no_gradient_falls_back_to_forward_scores(export_cache, monkeypatch):
 
     monkeypatch.setattr(onnx_ad, "reverse", refuse)
     model, analysis, calib, spec = _setup(export_cache, "hf_bias", batch=8)
-    data = Calibrated(model, calib, spec, 8, 0)
-    scores = compute_scores(analysis, data, spec, "fisher", {"head", "ch"})
+    data = LossBatches(model, calib, spec, 8, 0)
+    scores = compute_scores(analysis, data, spec, "fisher", _kinds("head", "ch"))
     assert len(scores.fallbacks) == 1 and "FancyOp" in scores.fallbacks[0]
-    exact = compute_scores(analysis, data, spec, "ablation", {"head"}).values
+    exact = compute_scores(analysis, data, spec, "ablation", _kinds("head")).values
     for name, values in exact.items():
         assert np.allclose(scores.values[name], values)
-    stat = compute_scores(analysis, data, spec, "stat", {"ch"}).values
-    channels = [key for key in scores.values if key[1] == "ch"]
+    stat = compute_scores(analysis, data, spec, "stat", _kinds("ch")).values
+    channels = [key for key in scores.values if key[1].key == "ch"]
     assert channels and all(np.allclose(scores.values[k], stat[k]) for k in channels)
     with pytest.raises(OnnxpruneError, match="FancyOp"):
-        compute_scores(analysis, data, spec, "send", {"attn"})
+        compute_scores(analysis, data, spec, "send", _kinds("attn"))

@@ -4,21 +4,26 @@
 - head: mean over tokens of ‖head output · W_o,h‖ over the mean ‖residual input‖.
 - VO channel: the same for one value channel (|v_c|·‖W_o row c‖); QK channel: mean |q_c|.
 - module: mean ‖module output‖ over the mean ‖residual input‖.
+
+The statistic is the score's own definition per unit kind (the table below); each reads the
+kind's gate site, so a new kind is scored here by adding its statistic.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
-from onnxprune.gates import attention_site, ffn_site
 from onnxprune.runtime import make_session, probe_model, run
-from onnxprune.scores.weights import effective_weight
-from onnxprune.structure.blocks import AttentionBlock, Block, FfnBlock
+from onnxprune.scores.base import ImportanceScore, ScoreArrays, ScoreContext, register_score
+from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
+from onnxprune.structure.graph import effective_weight
+from onnxprune.units import GateSite, UnitKind, kinds_of
 
-UnitArrays = dict[tuple[str, str], np.ndarray]
+Values = dict[str, np.ndarray]
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -33,86 +38,133 @@ def _residual_input(analysis: Analysis, block: Block) -> str | None:
     return others[0] if others else None
 
 
+def _reference(analysis: Analysis, block: Block) -> str:
+    """What a block's statistics are relative to: the residual input, else the module's
+    own output, else (no residual add at all) the output projection's output."""
+    found = _residual_input(analysis, block) or block.module_output
+    return found or analysis.view.node[block.flow.sinks[0].node].outputs[0].name
+
+
 class StatAccumulator:
-    def __init__(self, analysis: Analysis, kinds: set[str]):
+    """Sums of each kind's statistic over calibration batches, per block."""
+
+    def __init__(self, analysis: Analysis, kinds: set[UnitKind]):
         self.analysis = analysis
-        self.kinds = kinds
-        self.sums: dict[tuple[str, str], np.ndarray] = defaultdict(float)
+        self.sums: dict[tuple[str, UnitKind], np.ndarray] = defaultdict(float)
         self.norms: dict[str, float] = defaultdict(float)   # block -> sum of residual norms
         self.tokens: dict[str, int] = defaultdict(int)
-        self.ffn_rows: dict[str, int] = defaultdict(int)
+        self.rows: dict[str, int] = defaultdict(int)        # rows behind per-row statistics
+        self.work: list[tuple[Block, UnitKind]] = []
         self.tensors: set[str] = set()
-        for block in self._blocks():
-            self.tensors.update(t for t in self._block_tensors(block) if t)
+        for block in analysis.structure.blocks:
+            if block.flow is None:
+                continue
+            self.tensors.add(_reference(analysis, block))
+            if block.module_output:
+                self.tensors.add(block.module_output)
+            for kind in kinds_of(block):
+                if kind in kinds and kind.refusal(block) is None and kind.key in _STATISTICS:
+                    self.work.append((block, kind))
+                    if not kind.whole:
+                        self.tensors.add(kind.site(analysis, block).tensor)
 
-    def _blocks(self) -> list[Block]:
-        return [b for b in self.analysis.structure.blocks if b.flow is not None]
+    def update(self, values: Values) -> None:
+        seen = set()
+        for block, kind in self.work:
+            if block.name not in seen:
+                seen.add(block.name)
+                self._residual(block, values)
+            statistic, _ = _STATISTICS[kind.key]
+            self.sums[(block.name, kind)] += statistic(self, block, kind, values)
 
-    def _block_tensors(self, block: Block) -> list[str | None]:
-        if isinstance(block, FfnBlock):
-            return [ffn_site(block)[0], block.module_output, _residual_input(self.analysis, block)]
-        return [attention_site(self.analysis, block, "head")[0],
-                attention_site(self.analysis, block, "qk")[0] if block.channel_prunable else None,
-                block.module_output, _residual_input(self.analysis, block)]
+    def _residual(self, block: Block, values: Values) -> None:
+        ref_rows = _rows(values[_reference(self.analysis, block)])
+        self.norms[block.name] += float(np.linalg.norm(ref_rows, axis=1).sum())
+        self.tokens[block.name] += len(ref_rows)
 
-    def update(self, values: dict[str, np.ndarray]) -> None:
-        for block in self._blocks():
-            residual = _residual_input(self.analysis, block)
-            ref = values[residual] if residual else values[block.module_output]
-            ref_rows = _rows(ref)
-            self.norms[block.name] += float(np.linalg.norm(ref_rows, axis=1).sum())
-            self.tokens[block.name] += len(ref_rows)
-            out_rows = _rows(values[block.module_output])
-            self.sums[(block.name, "module")] += np.linalg.norm(out_rows, axis=1).sum()
-            if isinstance(block, FfnBlock):
-                self._ffn(block, values)
-            elif isinstance(block, AttentionBlock):
-                self._attention(block, values)
-
-    def _ffn(self, block: FfnBlock, values: dict[str, np.ndarray]) -> None:
-        tensor, index = ffn_site(block)
-        rows = _rows(values[tensor])
-        fired = (rows > 0).sum(axis=0).astype(np.float64)
-        self.ffn_rows[block.name] += len(rows)
-        per_channel = np.zeros(block.channels)
-        np.add.at(per_channel, index, fired)
-        count = np.bincount(index, minlength=block.channels)
-        self.sums[(block.name, "ch")] += per_channel / np.maximum(count, 1)
-
-    def _attention(self, block: AttentionBlock, values: dict[str, np.ndarray]) -> None:
-        tensor, heads, _, _ = attention_site(self.analysis, block, "head")
-        x = _rows(values[tensor])
-        w = effective_weight(self.analysis.view, block.flow.sinks[0].node)
-        per_head = np.zeros(block.heads)
-        for h in range(block.heads):
-            rows = heads == h
-            per_head[h] = np.linalg.norm(x[:, rows] @ w[rows], axis=1).sum()
-        self.sums[(block.name, "head")] += per_head
-        if not block.channel_prunable:
-            return
-        _, vo_index, size, _ = attention_site(self.analysis, block, "vo")
-        vo = np.zeros(size)
-        np.add.at(vo, vo_index, np.abs(x).sum(axis=0) * np.linalg.norm(w, axis=1))
-        self.sums[(block.name, "vo")] += vo.reshape(block.heads, block.vo_dim)
-        q_tensor, q_index, size, _ = attention_site(self.analysis, block, "qk")
-        q = np.abs(_rows(values[q_tensor])).sum(axis=0)
-        qk = np.zeros(size + 1)
-        np.add.at(qk, np.where(q_index < 0, size, q_index), q)
-        self.sums[(block.name, "qk")] += qk[:size].reshape(block.heads, block.qk_dim)
-
-    def result(self) -> UnitArrays:
-        out: UnitArrays = {}
+    def result(self) -> ScoreArrays:
+        out: ScoreArrays = {}
         for (block, kind), total in self.sums.items():
-            if kind == "ch":
-                out[(block, kind)] = total / max(self.ffn_rows[block], 1)
+            _, per = _STATISTICS[kind.key]
+            if per == "row":
+                out[(block, kind)] = total / max(self.rows[block], 1)
             else:
                 out[(block, kind)] = total / max(self.norms[block], 1e-30)
         return out
 
 
-def stat(analysis: Analysis, batches, kinds: set[str], threads: int = 0) -> UnitArrays:
-    acc = StatAccumulator(analysis, kinds)
-    session = make_session(probe_model(analysis.model, sorted(acc.tensors)), threads=threads)
-    for inputs, _ in batches():
-        acc.update(run(session, inputs))
-    return acc.result()
+def _module(acc: StatAccumulator, block: Block, kind: UnitKind, values: Values) -> np.ndarray:
+    return np.linalg.norm(_rows(values[block.module_output]), axis=1).sum()
+
+
+def _fired(acc: StatAccumulator, block: Block, kind: UnitKind, values: Values) -> np.ndarray:
+    """How often each FFN channel's activation is positive (a share once divided by rows)."""
+    site = kind.site(acc.analysis, block)
+    rows = _rows(values[site.tensor])
+    fired = (rows > 0).sum(axis=0).astype(np.float64)
+    acc.rows[block.name] += len(rows)
+    per_channel = np.zeros(site.size)
+    np.add.at(per_channel, site.index, fired)
+    count = np.bincount(site.index, minlength=site.size)
+    return per_channel / np.maximum(count, 1)
+
+
+def _output_rows(acc: StatAccumulator, block: Block, kind: UnitKind, values: Values
+                 ) -> tuple[GateSite, np.ndarray, np.ndarray]:
+    """The kind's site, the rows of its activations, and the output projection."""
+    site = kind.site(acc.analysis, block)
+    w = effective_weight(acc.analysis.view, block.flow.sinks[0].node)
+    return site, _rows(values[site.tensor]), w
+
+
+def _head_output(acc: StatAccumulator, block: Block, kind: UnitKind,
+                 values: Values) -> np.ndarray:
+    site, x, w = _output_rows(acc, block, kind, values)
+    per_head = np.zeros(site.size)
+    for h in range(site.size):
+        rows = site.index == h
+        per_head[h] = np.linalg.norm(x[:, rows] @ w[rows], axis=1).sum()
+    return per_head
+
+
+def _value_output(acc: StatAccumulator, block: Block, kind: UnitKind,
+                  values: Values) -> np.ndarray:
+    site, x, w = _output_rows(acc, block, kind, values)
+    vo = np.zeros(site.size)
+    np.add.at(vo, site.index, np.abs(x).sum(axis=0) * np.linalg.norm(w, axis=1))
+    return vo.reshape(kind.shape(block))
+
+
+def _query_size(acc: StatAccumulator, block: Block, kind: UnitKind,
+                values: Values) -> np.ndarray:
+    site = kind.site(acc.analysis, block)
+    q = np.abs(_rows(values[site.tensor])).sum(axis=0)
+    qk = np.zeros(site.size + 1)
+    np.add.at(qk, np.where(site.index < 0, site.size, site.index), q)
+    return qk[:site.size].reshape(kind.shape(block))
+
+
+Statistic = Callable[[StatAccumulator, Block, UnitKind, Values], np.ndarray]
+# unit kind -> (statistic, what its sum is divided by: residual norm or rows seen)
+_STATISTICS: dict[str, tuple[Statistic, str]] = {
+    "attn": (_module, "residual"), "ffn": (_module, "residual"),
+    "head": (_head_output, "residual"), "vo": (_value_output, "residual"),
+    "qk": (_query_size, "residual"), "ch": (_fired, "row"),
+}
+
+
+@register_score
+class Stat(ImportanceScore):
+    name = "stat"
+    kinds = frozenset(_STATISTICS)
+    needs_data = True
+
+    def compute(self, context: ScoreContext) -> ScoreArrays:
+        acc = StatAccumulator(context.analysis, context.kinds)
+        if not acc.work:
+            return {}
+        model = probe_model(context.analysis.model, sorted(acc.tensors))
+        session = make_session(model, threads=context.threads)
+        for inputs, _ in context.batches():
+            acc.update(run(session, inputs))
+        return acc.result()

@@ -17,23 +17,39 @@ which yields the loss of each sample and each sample's ∂L/∂gate.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
-from onnxprune.autodiff import declare_static_shapes, freeze_shape_operands, gradient_graph
+from onnxprune.autodiff import (
+    NoGradientError,
+    declare_static_shapes,
+    freeze_shape_operands,
+    gradient_graph,
+)
+from onnxprune.errors import OnnxpruneError
 from onnxprune.gates import Gate, gate_model
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, with_loss
 from onnxprune.runtime import make_session, run
+from onnxprune.scores.ablation import Ablation
+from onnxprune.scores.activations import Stat
+from onnxprune.scores.base import (
+    ImportanceScore,
+    ScoreArrays,
+    ScoreContext,
+    register_score,
+)
 from onnxprune.structure.discover import Analysis
+from onnxprune.units import UnitKind, module_kind, unit_kind
 
 
 class GradientPass:
     """Runs the gate-gradient graph on batches: per-sample losses and gate gradients."""
 
-    def __init__(self, analysis: Analysis, spec: LossSpec, kinds: Iterable[str],
-                 threads: int = 0):
-        gated = gate_model(analysis, kinds, per_sample=True)
+    def __init__(self, analysis: Analysis, spec: LossSpec, kinds: Iterable[UnitKind],
+                 threads: int = 0, send: bool = False):
+        gated = gate_model(analysis, kinds, per_sample=True, send=send)
         self.gates: list[Gate] = gated.gates
         self.gated = gated
         model = with_loss(gated.model, spec)
@@ -138,3 +154,90 @@ def send_dispersion(s: np.ndarray) -> np.ndarray:
     p = np.exp(a)
     p /= p.sum(axis=-1, keepdims=True)
     return p.mean(axis=1).std(axis=-1).mean(axis=-1)
+
+
+class GradientScore(ImportanceScore):
+    """A score from per-sample gate gradients; falls back to forward-only scores (ablation
+    for modules and heads, stat for channels) when onnx-ad cannot differentiate an op."""
+
+    needs_data = True
+    needs_gradients = True
+    statistic: str
+
+    def compute(self, context: ScoreContext) -> ScoreArrays:
+        try:
+            return self.gradient_scores(context, context.kinds, send=False)
+        except NoGradientError as exc:
+            context.fallbacks.append(f"{self.name} -> ablation (modules, heads) and stat "
+                                     f"(channels): {exc}")
+            return forward_fallback(context)
+
+    def gradient_scores(self, context: ScoreContext, kinds: set[UnitKind],
+                        send: bool) -> ScoreArrays:
+        analysis = context.analysis
+        grad = GradientPass(analysis, context.spec, kinds, context.threads, send=send)
+        acc = GradientStatistic(self.statistic, context.ema,
+                                first_order=not context.spec.distill)
+        data = getattr(context.batches, "gradient_batches", context.batches)()
+        for n, (inputs, targets) in enumerate(data):
+            _, grads = grad(inputs, targets)
+            acc.update(grads)
+            if context.progress:
+                context.progress(n + 1, len(data))
+        context.samples_seen = acc.count
+        blocks = {b.name: b for b in analysis.structure.blocks}
+        values: ScoreArrays = {}
+        for gate, value in acc.result().items():
+            block = blocks[gate.block]
+            kind = gate.unit or module_kind(block)
+            values[(gate.block, kind)] = value.reshape(kind.shape(block)) if gate.size \
+                else np.float64(value)
+        return values
+
+
+def forward_fallback(context: ScoreContext) -> ScoreArrays:
+    """Ablation for the kinds it scores, stat for the rest."""
+    ablation = Ablation()
+    exact = {k for k in context.kinds if ablation.scores_kind(k)}
+    values = Stat().compute(_with_kinds(context, context.kinds - exact))
+    if exact:
+        values.update(ablation.compute(_with_kinds(context, exact)))
+    return values
+
+
+def _with_kinds(context: ScoreContext, kinds: set[UnitKind]) -> ScoreContext:
+    return replace(context, kinds=kinds)
+
+
+@register_score
+class Fisher(GradientScore):
+    """|−mean g + ½ mean g²| per unit ("Less is More", Eq. 6)."""
+
+    name = "fisher"
+    statistic = "fisher"
+
+
+@register_score
+class Taylor(GradientScore):
+    """Mean over samples of |g| (Michel et al. 2019)."""
+
+    name = "taylor"
+    statistic = "taylor"
+
+
+@register_score
+class Send(GradientScore):
+    """SPAT's SEND of ∂L/∂A ⊙ A on each softmax output: whole attention modules."""
+
+    name = "send"
+    statistic = "send"
+    kinds = frozenset({"attn"})
+
+    def compute(self, context: ScoreContext) -> ScoreArrays:
+        attention = unit_kind("attn")
+        missing = [b.name for b in context.analysis.structure.blocks
+                   if attention.fits(b) and context.analysis.view.node[b.anchor].op != "Softmax"]
+        if missing:
+            raise OnnxpruneError(f"--method send needs the softmax of each attention; "
+                                 f"{', '.join(missing)} use a fused Attention op")
+        return self.gradient_scores(context, set(), send=True)

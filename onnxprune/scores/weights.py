@@ -1,27 +1,18 @@
 """Scores that read only the weights: ``magnitude`` (squared L2 norm of a unit's weight
-slices -- squared so that it adds up from channels to heads to modules --
-Q+K columns for a QK channel, V column + W_o row for a VO channel, all four for a head,
-up column(s) + down row for an FFN channel) and ``random`` (seeded; the baseline)."""
+slices -- squared so that it adds up from channels to heads to modules -- Q+K columns for a
+QK channel, V column + W_o row for a VO channel, all four for a head, up column(s) + down
+row for an FFN channel; each kind says which columns and rows are its own) and ``random``
+(seeded; the baseline)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.gates import attention_site, ffn_site
-from onnxprune.structure.blocks import AttentionBlock, Block, FfnBlock
+from onnxprune.scores.base import ImportanceScore, ScoreArrays, ScoreContext, register_score
+from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
-from onnxprune.structure.graph import GraphView
-
-UnitArrays = dict[tuple[str, str], np.ndarray]
-
-
-def effective_weight(view: GraphView, node: str) -> np.ndarray:
-    """The [K, N] matrix a MatMul/Gemm projection multiplies by."""
-    n = view.node[node]
-    _, value = view.weight_of(n)
-    if n.op == "Gemm" and n.attrs.get("transB", 0):
-        value = value.T
-    return value.astype(np.float64)
+from onnxprune.structure.graph import GraphView, effective_weight
+from onnxprune.units import UnitKind, kinds_of
 
 
 class ColumnNorms:
@@ -44,7 +35,7 @@ class ColumnNorms:
 
 
 def row_norms(view: GraphView, node: str, index: np.ndarray, size: int) -> np.ndarray:
-    """Squared norms of the down/output projection rows, summed per gate entry."""
+    """Squared norms of the down/output projection rows, summed per unit entry."""
     rows = (effective_weight(view, node) ** 2).sum(axis=1)
     out = np.zeros(size)
     keep = index >= 0
@@ -52,42 +43,50 @@ def row_norms(view: GraphView, node: str, index: np.ndarray, size: int) -> np.nd
     return out
 
 
-def magnitude(analysis: Analysis) -> UnitArrays:
-    scores: UnitArrays = {}
-    for block in analysis.structure.blocks:
-        if not block.prunable or block.flow is None:
-            continue
-        columns = ColumnNorms(analysis.view, block)
-        sink = block.flow.sinks[0].node
-        if isinstance(block, AttentionBlock):
-            qk = columns(block.q_labels) + columns(block.k_labels)
-            _, index, size, _ = attention_site(analysis, block, "vo")
-            vo = columns(block.v_labels) + row_norms(analysis.view, sink, index, size).reshape(
-                block.heads, block.vo_dim)
-            scores[(block.name, "qk")] = qk
-            scores[(block.name, "vo")] = vo
-            scores[(block.name, "head")] = qk.sum(axis=1) + vo.sum(axis=1)
-            scores[(block.name, "module")] = qk.sum() + vo.sum()
-        elif isinstance(block, FfnBlock):
-            _, index = ffn_site(block)
-            ch = columns(block.up_labels).sum(axis=0) + row_norms(analysis.view, sink, index,
-                                                                   block.channels)
-            scores[(block.name, "ch")] = ch
-            scores[(block.name, "module")] = ch.sum()
-    return scores
+def weight_norm(analysis: Analysis, block: Block, kind: UnitKind,
+                columns: ColumnNorms) -> np.ndarray:
+    """Squared norm of every unit's own columns and rows, in the kind's shape."""
+    shape = kind.shape(block)
+    value = columns(kind.columns(block)).reshape(*shape, -1).sum(axis=-1)
+    rows = kind.rows(analysis, block)
+    if rows is not None:
+        node, index = rows
+        value = value + row_norms(analysis.view, node, index,
+                                  int(np.prod(shape))).reshape(shape)
+    return value
 
 
-def random_scores(analysis: Analysis, seed: int) -> UnitArrays:
-    rng = np.random.default_rng(seed)
-    scores: UnitArrays = {}
-    for block in analysis.structure.blocks:
-        scores[(block.name, "module")] = rng.random()
-        if not block.prunable or block.flow is None:
-            continue
-        if isinstance(block, AttentionBlock):
-            scores[(block.name, "head")] = rng.random(block.heads)
-            scores[(block.name, "qk")] = rng.random((block.heads, block.qk_dim))
-            scores[(block.name, "vo")] = rng.random((block.heads, block.vo_dim))
-        elif isinstance(block, FfnBlock):
-            scores[(block.name, "ch")] = rng.random(block.channels)
-    return scores
+@register_score
+class Magnitude(ImportanceScore):
+    name = "magnitude"
+
+    def compute(self, context: ScoreContext) -> ScoreArrays:
+        analysis = context.analysis
+        scores: ScoreArrays = {}
+        for block in analysis.structure.blocks:
+            if not block.prunable or block.flow is None:
+                continue
+            columns = ColumnNorms(analysis.view, block)
+            for kind in kinds_of(block):
+                if kind in context.kinds:
+                    scores[(block.name, kind)] = weight_norm(analysis, block, kind, columns)
+        return scores
+
+
+@register_score
+class Random(ImportanceScore):
+    """Seeded uniform scores; every kind of every block draws, in registry order, so the
+    stream does not depend on which kinds are asked for."""
+
+    name = "random"
+
+    def compute(self, context: ScoreContext) -> ScoreArrays:
+        rng = np.random.default_rng(context.seed)
+        scores: ScoreArrays = {}
+        for block in context.analysis.structure.blocks:
+            for kind in kinds_of(block):
+                if not kind.whole and (not block.prunable or block.flow is None):
+                    continue
+                value = rng.random(kind.shape(block)) if kind.shape(block) else rng.random()
+                scores[(block.name, kind)] = value
+        return scores

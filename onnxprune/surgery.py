@@ -1,4 +1,5 @@
-"""The cut: rewrite the graph without the planned units, with onnx-graphsurgeon.
+"""The cut stage's graph surgery: rewrite the graph without the planned units, with
+onnx-graphsurgeon, as a pass whose post-condition is the exactness contract (verify.py).
 
 For sub-module units (heads, QK/VO channels, FFN channels) the label flow of the block says
 exactly what to touch: projection columns and output-projection rows are sliced, every
@@ -11,7 +12,6 @@ turning the residual add into a pass-through and deleting what no longer feeds a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import gcd
 
 import numpy as np
@@ -19,58 +19,22 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import NotPrunableError
+from onnxprune.ops import require_rule
+from onnxprune.passes import DerivePass, outputs_changed
 from onnxprune.structure.axes import varies_along
-from onnxprune.structure.blocks import AttentionBlock, Block, FfnBlock
+from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
-from onnxprune.units import BlockCut, Plan
+from onnxprune.structure.graph import fresh_name
+from onnxprune.units import BlockCut, LabelRoles, Plan, kinds_of, module_kind
+from onnxprune.verify import Verification, verify
 
 
-@dataclass
-class LabelRoles:
-    """Per label id: its head and channel (-1 where none), and what the plan removes."""
-
-    head: dict[int, int]
-    channel: dict[int, int]
-    removed: set[int]
-    removed_heads: set[int]
-
-    def keep(self, labels: np.ndarray) -> np.ndarray:
-        return ~np.isin(labels, list(self.removed))
-
-    def arrays(self, labels: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(head, channel, kept, head kept) arrays in the shape of ``labels``."""
-        ids, inverse = np.unique(labels, return_inverse=True)
-        inverse = inverse.reshape(labels.shape)
-        head = np.array([self.head.get(int(i), -1) for i in ids])[inverse]
-        chan = np.array([self.channel.get(int(i), -1) for i in ids])[inverse]
-        kept = np.array([int(i) not in self.removed for i in ids])[inverse]
-        head_kept = ~np.isin(head, list(self.removed_heads))
-        return head, chan, kept, head_kept
-
-
-def attention_roles(block: AttentionBlock, cut: BlockCut) -> LabelRoles:
-    roles = LabelRoles({}, {}, set(), set(cut.heads))
-    for labels, gone in ((block.q_labels, cut.qk), (block.k_labels, cut.qk),
-                         (block.v_labels, cut.vo)):
-        for h, row in enumerate(labels):
-            for d, label in enumerate(row.tolist()):
-                roles.head[label], roles.channel[label] = h, d
-                if h in cut.heads or d in gone.get(h, ()):
-                    roles.removed.add(label)
-    for token, h in block.tokens.items():
-        roles.head[token] = h
-        if h in cut.heads:
-            roles.removed.add(token)
-    return roles
-
-
-def ffn_roles(block: FfnBlock, cut: BlockCut) -> LabelRoles:
-    roles = LabelRoles({}, {}, set(), set())
-    for row in block.up_labels:
-        for c, label in enumerate(row.tolist()):
-            roles.channel[label] = c
-            if c in cut.channels:
-                roles.removed.add(label)
+def block_roles(block: Block, cut: BlockCut) -> LabelRoles:
+    """The label ids the cut of ``block`` removes, as the unit kinds mark them."""
+    roles = module_kind(block).base_roles(block)
+    for kind in kinds_of(block):
+        if cut.indices(kind.key):
+            kind.mark(roles, block, cut.indices(kind.key))
     return roles
 
 
@@ -98,7 +62,12 @@ def new_shape(labels: np.ndarray, roles: LabelRoles, tensor: str) -> tuple[int, 
 
 
 class BlockSurgeon:
-    """Applies one block's cut to a fresh graph, using the analysis of the original."""
+    """Applies one block's cut to a fresh graph, using the analysis of the original.
+
+    Every node on the labelled path is fixed by its op rule (``onnxprune.ops``), which sees
+    this object through the ``registry.Surgeon`` protocol: ``old``/``new`` shapes and the
+    public helpers ``const``, ``retarget``, ``kept_positions`` and ``traced``.
+    """
 
     def __init__(self, graph: gs.Graph, analysis: Analysis, block: Block, roles: LabelRoles):
         self.graph = graph
@@ -113,7 +82,8 @@ class BlockSurgeon:
         self.old: dict[str, tuple[int, ...]] = {}
         self.new: dict[str, tuple[int, ...]] = {}
 
-    def _const(self, name: str, value: np.ndarray) -> gs.Constant:
+    def const(self, name: str, value: np.ndarray) -> gs.Constant:
+        """A new constant under a fresh name based on ``name``."""
         return _constant(fresh_name(self.names, name), value)
 
     def _var(self, name: str) -> gs.Variable:
@@ -131,9 +101,7 @@ class BlockSurgeon:
             self._slice_operand(operand.node, operand.index)
         for name in self.flow.nodes:
             node = self.nodes[name]
-            fix = getattr(self, f"_fix_{node.op.lower()}", None)
-            if fix is not None:
-                fix(node)
+            require_rule(node, self.view.opset).fix(self, node)
         for name in self.flow.shape_reads:
             self._restore_shape_read(self.nodes[name])
         for name in self.flow.labels:
@@ -149,20 +117,20 @@ class BlockSurgeon:
         weight = self.view.const(node.inputs[1])
         transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
         sliced = weight[keep, :] if transposed else weight[:, keep]
-        node.inputs[1] = self._const(f"{node.inputs[1].name}_pruned", sliced)
+        node.inputs[1] = self.const(f"{node.inputs[1].name}_pruned", sliced)
         if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
             bias = self.view.const(node.inputs[2])
             if bias is not None and bias.size > 1:
-                node.inputs[2] = self._const(f"{node.inputs[2].name}_pruned",
-                                           bias.reshape(-1)[keep].reshape(
-                                               (*bias.shape[:-1], int(keep.sum()))))
+                node.inputs[2] = self.const(f"{node.inputs[2].name}_pruned",
+                                            bias.reshape(-1)[keep].reshape(
+                                                (*bias.shape[:-1], int(keep.sum()))))
 
     def _slice_rows(self, name: str, keep: np.ndarray) -> None:
         node = self.nodes[name]
         weight = self.view.const(node.inputs[1])
         transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
         sliced = weight[:, keep] if transposed else weight[keep, :]
-        node.inputs[1] = self._const(f"{node.inputs[1].name}_pruned", sliced)
+        node.inputs[1] = self.const(f"{node.inputs[1].name}_pruned", sliced)
 
     def _slice_operand(self, name: str, index: int) -> None:
         node = self.nodes[name]
@@ -185,12 +153,12 @@ class BlockSurgeon:
                 value = np.take(value, positions, axis=i)
             else:
                 tensor = self._gather(tensor, positions, i)
-        node.inputs[index] = self._const(f"{tensor.name}_pruned", value) if value is not None \
+        node.inputs[index] = self.const(f"{tensor.name}_pruned", value) if value is not None \
             else tensor
 
     def _gather(self, tensor: gs.Tensor, positions: np.ndarray, axis: int) -> gs.Variable:
         out = gs.Variable(fresh_name(self.names, f"{tensor.name}_kept{axis}"), dtype=tensor.dtype)
-        index = self._const(f"{out.name}_index", positions.astype(np.int64))
+        index = self.const(f"{out.name}_index", positions.astype(np.int64))
         self.graph.nodes.append(gs.Node("Gather", f"{out.name}_gather", {"axis": axis},
                                         [tensor, index], [out]))
         return out
@@ -201,7 +169,7 @@ class BlockSurgeon:
         div = np.array([gcd(int(a), int(b)) or 1 for a, b in zip(old, new)])
         return new // div, old // div
 
-    def _retarget(self, node: gs.Node, index: int, out: str) -> None:
+    def retarget(self, node: gs.Node, index: int, out: str) -> None:
         """Make a shape input (Reshape, Expand) produce the cut output shape."""
         if self.old[out] == self.new[out]:
             return
@@ -212,7 +180,7 @@ class BlockSurgeon:
         const = self.view.const(shape_in)
         if const is not None:
             target = np.where(special, const, np.array(self.new[out])).astype(np.int64)
-            node.inputs[index] = self._const(f"{node.name}_shape_pruned", target)
+            node.inputs[index] = self.const(f"{node.name}_shape_pruned", target)
             return
         num, den = self._ratio(out)
         num, den = np.where(special, 1, num), np.where(special, 1, den)
@@ -222,89 +190,21 @@ class BlockSurgeon:
                      prefix: str) -> gs.Variable:
         mul, out = self._var(f"{prefix}_mul"), self._var(f"{prefix}_div")
         self.graph.nodes.append(gs.Node("Mul", f"{prefix}_Mul", inputs=[
-            shape, self._const(f"{prefix}_num", num.astype(np.int64))], outputs=[mul]))
+            shape, self.const(f"{prefix}_num", num.astype(np.int64))], outputs=[mul]))
         self.graph.nodes.append(gs.Node("Div", f"{prefix}_Div", inputs=[
-            mul, self._const(f"{prefix}_den", den.astype(np.int64))], outputs=[out]))
+            mul, self.const(f"{prefix}_den", den.astype(np.int64))], outputs=[out]))
         return out
 
-    def _fix_reshape(self, node: gs.Node) -> None:
-        self._retarget(node, 1, node.outputs[0].name)
-
-    def _fix_attention(self, node: gs.Node) -> None:
-        """Freeze the default 1/sqrt(d) scale and update head counts of the 3-D form."""
-        q = node.inputs[0].name
-        if not node.attrs.get("scale"):
-            width = self.old[q][-1]
-            if len(self.old[q]) == 3:
-                width //= node.attrs["q_num_heads"]
-            node.attrs["scale"] = float(1.0 / np.sqrt(width))
-        for key in ("q_num_heads", "kv_num_heads"):
-            if node.attrs.get(key):
-                kept = len(self.block.q_labels) - len(self.roles.removed_heads)
-                node.attrs[key] = kept if key == "q_num_heads" else \
-                    node.attrs[key] * kept // len(self.block.q_labels)
-
-    def _fix_expand(self, node: gs.Node) -> None:
-        self._retarget(node, 1, node.outputs[0].name)
-
-    def _fix_slice(self, node: gs.Node) -> None:
-        data = node.inputs[0].name
-        if self.old[data] == self.new[data]:
-            return
-        ndim = len(self.old[data])
-        starts, ends = self._traced(node.inputs[1]), self._traced(node.inputs[2])
-        axes = self._traced(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name \
-            else np.arange(len(starts))
-        axes = axes.astype(np.int64) % ndim
-        changed = [self.old[data][a] != self.new[data][a] for a in axes]
-        computed = any(self.view.const(t) is None for t in node.inputs[1:4] if t.name)
-        if computed and not all(changed):
-            raise NotPrunableError(f"Slice node {node.name}: computed bounds on a pruned axis "
-                                   "and another axis")
-        for i, axis in enumerate(axes):
-            if changed[i]:
-                kept = self._kept_positions(data, int(axis))
-                lo, hi, _ = slice(int(starts[i]), int(ends[i])).indices(self.old[data][axis])
-                starts[i], ends[i] = kept[:lo].sum(), kept[:hi].sum()
-        # bounds on a feature axis are static even when computed from shapes: freeze them
-        node.inputs[1] = self._const(f"{node.name}_starts_pruned", starts)
-        node.inputs[2] = self._const(f"{node.name}_ends_pruned", ends)
-        if len(node.inputs) > 3 and node.inputs[3].name:
-            node.inputs[3] = self._const(f"{node.name}_axes_pruned", axes)
-
-    def _traced(self, tensor: gs.Tensor) -> np.ndarray:
+    def traced(self, tensor: gs.Tensor) -> np.ndarray:
+        """The constant or traced value of ``tensor`` as a flat int64 array (a copy)."""
         value = self.view.const(tensor)
         if value is None:
             value = self.trace[tensor.name]
         return np.array(value, np.int64).reshape(-1).copy()
 
-    def _fix_split(self, node: gs.Node) -> None:
-        data = node.inputs[0].name
-        axis = node.attrs.get("axis", 0) % len(self.old[data])
-        if self.old[data][axis] == self.new[data][axis]:
-            return
-        sizes = np.array([self.new[o.name][axis] for o in node.outputs], np.int64)
-        node.attrs.pop("num_outputs", None)
-        if "split" in node.attrs:
-            node.attrs["split"] = sizes.tolist()
-        else:
-            split = self._const(f"{node.name}_split_pruned", sizes)
-            node.inputs = [node.inputs[0], split]
-
-    def _fix_gather(self, node: gs.Node) -> None:
-        data = node.inputs[0].name
-        axis = node.attrs.get("axis", 0) % len(self.old[data])
-        if self.old[data][axis] == self.new[data][axis]:
-            return
-        index = self.view.const(node.inputs[1])
-        kept = self._kept_positions(data, axis)
-        if index is None or not kept[np.asarray(index)].all():
-            raise NotPrunableError(f"Gather node {node.name} selects pruned positions")
-        remap = np.cumsum(kept) - 1
-        node.inputs[1] = self._const(f"{node.name}_index_pruned",
-                                   remap[np.asarray(index)].astype(np.int64))
-
-    def _kept_positions(self, tensor: str, axis: int) -> np.ndarray:
+    def kept_positions(self, tensor: str, axis: int) -> np.ndarray:
+        """Per position along ``axis`` of labelled ``tensor``: whether anything there is
+        kept."""
         keep = self.roles.keep(self.flow.labels[tensor])
         return np.any(np.moveaxis(keep, axis, 0).reshape(keep.shape[axis], -1), axis=1)
 
@@ -343,9 +243,7 @@ def apply_plan(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
         if cut.whole:
             remove_module(graph, block)
             continue
-        roles = attention_roles(block, cut) if isinstance(block, AttentionBlock) \
-            else ffn_roles(block, cut)
-        BlockSurgeon(graph, analysis, block, roles).apply()
+        BlockSurgeon(graph, analysis, block, block_roles(block, cut)).apply()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)
     _keep_model_metadata(model, analysis.model)
@@ -367,10 +265,37 @@ def _constant(name: str, value: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.ascontiguousarray(value))
 
 
-def fresh_name(taken: set[str], name: str) -> str:
-    """``name``, or ``name_<n>`` when taken; the result is added to ``taken``."""
-    candidate, n = name, 1
-    while candidate in taken:
-        candidate, n = f"{name}_{n}", n + 1
-    taken.add(candidate)
-    return candidate
+class CutPass(DerivePass):
+    """The cut as a pass. Pre: the model is the analysed one and the plan names blocks of
+    its structure. Post: the graph outputs are as before, and the exactness contract holds:
+    cut(x) == gated(x, removed gates = 0) (``verify``, which raises VerificationError)."""
+
+    name = "cut"
+
+    def __init__(self, analysis: Analysis, plan: Plan):
+        self.analysis = analysis
+        self.plan = plan
+        self.verification: Verification | None = None
+
+    def pre(self, model: onnx.ModelProto) -> list[str]:
+        broken = [] if model is self.analysis.model else ["the model is not the analysed one"]
+        known = {b.name for b in self.analysis.structure.blocks}
+        broken += [f"no block {name}" for name in self.plan.cuts if name not in known]
+        return broken + [f"{c.block} is cut whole and by units" for c in self.plan.cuts.values()
+                         if c.whole and any(c.removed.values())]
+
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return apply_plan(self.analysis, self.plan)
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        broken = outputs_changed(before, after)
+        if not broken:
+            self.verification = verify(self.analysis, self.plan, after)
+        return broken
+
+
+def cut_verified(analysis: Analysis, plan: Plan) -> tuple[onnx.ModelProto, Verification]:
+    """The cut model, proven exact against the gated original."""
+    cut = CutPass(analysis, plan)
+    model = cut.run(analysis.model)
+    return model, cut.verification
