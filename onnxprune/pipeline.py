@@ -18,12 +18,12 @@ from onnxprune.batches import LossBatches
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import Quality, choose_loss
-from onnxprune.plan import prunable_total, select
+from onnxprune.plan import Exclusion, exclusions, prunable_total, select
 from onnxprune.scores import ImportanceScore, check_method, compute_scores, resolve_score
 from onnxprune.shapes import analysis_shapes, input_specs
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
-from onnxprune.units import Unit, make_plan
+from onnxprune.units import Unit, UnitKind, kinds_of, make_plan
 from onnxprune.verify import Verification
 
 Progress = Callable[[str, int, int], None]
@@ -94,6 +94,7 @@ class Report:
     scores: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     calibration: LossBatches | None = field(default=None, repr=False)   # to re-measure
+    excluded: list[dict] = field(default_factory=list)   # kinds a block cannot be cut by
 
     @property
     def drop(self) -> float:
@@ -114,6 +115,7 @@ class Report:
             "seconds": round(self.seconds, 3),
             "removed": self.removed,
             "steps": [{**vars(s), "units": [u.name for u in s.units]} for s in self.steps],
+            "excluded": self.excluded,
             "scores": self.scores,
         }
 
@@ -129,6 +131,8 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     if not first.structure.attention:
         raise OnnxpruneError("no attention blocks found: onnxprune prunes transformer "
                              "attention and feed-forward blocks")
+    excluded = exclusions(first, kinds)
+    check_something_to_prune(first, kinds, excluded, opts.target)
     spec = choose_loss(model, calib.targets, opts.loss)
     data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed)
     loss_before, quality_before = data.evaluate(model, opts.threads)
@@ -160,6 +164,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                                   round(scores.seconds, 3), scores.fallbacks,
                                   check.max_abs_diff))
         units += [f"step{step}:{u.name}" if opts.steps > 1 else u.name for u in chosen.units]
+    check_removed_something(units, opts)
     loss_after, quality_after = data.evaluate(current, opts.threads)
     report = Report(method, opts.granularity, opts.target, opts.ratio, spec.describe,
                     {"source": calib.source, "samples": calib.n_samples,
@@ -167,8 +172,29 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                     first.structure.params, analysis.structure.params, first.structure.flops,
                     analysis.structure.flops, loss_before, loss_after, quality_before,
                     quality_after, time.perf_counter() - start, units, records, first_scores,
-                    opts.seed, data)
+                    opts.seed, data, [e.to_json() for e in excluded])
     return current, report
+
+
+def check_something_to_prune(analysis: Analysis, kinds: set[UnitKind],
+                             excluded: list[Exclusion], target: str) -> None:
+    """Refuse a run that could only remove nothing, naming why each block is refused."""
+    cuttable = [(b, k) for b in analysis.structure.blocks for k in kinds_of(b)
+                if k in kinds and k.refusal(b) is None]
+    if cuttable and prunable_total(analysis, target) > 0:
+        return
+    reasons = "; ".join(f"{e.block} {e.kind.plural}: {e.reason}" for e in excluded[:4])
+    more = f" (and {len(excluded) - 4} more)" if len(excluded) > 4 else ""
+    raise OnnxpruneError(f"nothing to prune: no block can be cut at this granularity "
+                         f"({reasons or 'no prunable blocks'}{more})")
+
+
+def check_removed_something(units: list[str], opts: PruneOptions) -> None:
+    """Never report success having removed nothing. (Each step's planner already refuses a
+    budget it cannot meet; this guards the run as a whole.)"""
+    if not units:
+        raise OnnxpruneError(f"removed nothing for --ratio {opts.ratio}: no step found units "
+                             "to remove; nothing written")
 
 
 def cut_units(analysis: Analysis, units: list[Unit]) -> tuple[onnx.ModelProto, Verification]:

@@ -39,6 +39,29 @@ def unit_costs(analysis: Analysis, block: Block, target: str) -> dict[str, float
             if kind.whole or kind.refusal(block) is None}
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """A unit kind the run asked for that cannot be cut in one block, and why."""
+
+    block: str
+    kind: UnitKind
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"block": self.block, "kind": self.kind.plural, "reason": self.reason}
+
+
+def exclusions(analysis: Analysis, kinds: set[UnitKind]) -> list[Exclusion]:
+    """Every (block, kind) the granularity asks for that the block refuses."""
+    out = []
+    for block in analysis.structure.blocks:
+        for kind in kinds_of(block):
+            reason = kind.refusal(block) if kind in kinds else None
+            if reason is not None:
+                out.append(Exclusion(block.name, kind, reason))
+    return out
+
+
 def prunable_total(analysis: Analysis, target: str = "params") -> float:
     """Cost of every attention and FFN block (what ``--ratio`` is a fraction of)."""
     blocks = analysis.structure.blocks

@@ -147,10 +147,21 @@ def prune_summary(report) -> str:
     for step in report.steps:
         for note in step.fallbacks:
             lines.append(f"note: step {step.step}: {note}")
+    lines += exclusion_lines(report.excluded)
     worst = max((s.max_abs_diff for s in report.steps), default=0.0)
     lines.append(f"verified exact against the gated original (max |diff| {worst:.2e}); "
                  f"{report.seconds:.1f} s")
     return "\n".join(lines)
+
+
+def exclusion_lines(excluded: list[dict]) -> list[str]:
+    """One line per (kind, reason): the blocks a kind was left out of, and why."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for entry in excluded:
+        reason = entry["reason"].removeprefix(f"{entry['block']} ")
+        groups.setdefault((entry["kind"], reason), []).append(entry["block"])
+    return [f"not cut: {kind} of {', '.join(blocks)}: {reason}"
+            for (kind, reason), blocks in groups.items()]
 
 
 def scores_json(scores) -> dict[str, Any]:

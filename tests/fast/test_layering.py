@@ -23,7 +23,7 @@ FAST = Path(__file__).resolve().parent
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["errors", "progress", "callable_module"]),
     ("graph", ["structure.__init__", "structure.graph", "structure.labels", "ops.*", "passes"]),
-    ("io and data", ["runtime", "modelio", "shapes", "data", "datasets.*", "losses",
+    ("io and data", ["runtime", "modelio", "shapes", "input_roles", "data", "datasets.*", "losses",
                      "batches"]),
     ("structure", ["structure.axes", "structure.blocks", "structure.cost",
                    "structure.discover"]),
