@@ -32,7 +32,7 @@ from onnxprune.scores import (
     compute_scores,
     resolve_score,
 )
-from onnxprune.shapes import analysis_shapes, input_specs
+from onnxprune.shapes import analysis_shapes, complete_shapes, input_specs
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
 from onnxprune.units import Plan, Unit, make_plan, parse_units, unit_kind
@@ -63,7 +63,8 @@ def _as_model(model: ModelLike) -> onnx.ModelProto:
 
 def inspect(model: ModelLike, shapes: Shapes = None) -> Analysis:
     """Find the attention and feed-forward blocks; raise if the model has no attention."""
-    analysis = analyse(_as_model(model), shapes)
+    model = _as_model(model)
+    analysis = analyse(model, complete_shapes(input_specs(model), shapes))
     if not analysis.structure.attention:
         raise OnnxpruneError("no attention blocks found: onnxprune prunes transformer "
                              "attention and feed-forward blocks")
@@ -106,6 +107,7 @@ def prune(model: ModelLike, ratio: float,
     model = _as_model(model)
     opts = PruneOptions(ratio, method, granularity, **options)
     opts.check()
+    opts.shapes = complete_shapes(input_specs(model), opts.shapes)
     data = load_or_synthesise(model, calib, samples, opts.seed, opts.shapes)
     return run_prune(model, data, opts, progress)
 
@@ -119,6 +121,7 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
     ``method`` is a registered score's name or an :class:`ImportanceScore` instance."""
     model = _as_model(model)
     kinds = check_method(method, granularity)
+    shapes = complete_shapes(input_specs(model), shapes)
     data = load_or_synthesise(model, calib, samples, seed, shapes)
     analysis = inspect(model, analysis_shapes(input_specs(model), data.inputs, shapes))
     spec = choose_loss(model, data.targets, loss)

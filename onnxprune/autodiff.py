@@ -42,12 +42,16 @@ class NoGradientError(OnnxpruneError):
 class GradientGraph:
     """A model computing its primal outputs and d(seeded output)/d(each input in ``wrt``).
 
-    Feed the primal inputs plus ``seed`` (a [1] array of ones); the gradient of input
-    ``x`` is output ``gradients[x]``."""
+    Feed the primal inputs plus ``seed`` (:meth:`seed_value`: a [1] array of ones in the
+    output's type); the gradient of input ``x`` is output ``gradients[x]``."""
 
     model: onnx.ModelProto
     seed: str
     gradients: dict[str, str]
+    seed_dtype: type = np.float32   # the differentiated output's type
+
+    def seed_value(self) -> np.ndarray:
+        return np.ones(1, self.seed_dtype)
 
 
 def gradient_graph(model: onnx.ModelProto, wrt: Sequence[str], output: str) -> GradientGraph:
@@ -59,8 +63,12 @@ def gradient_graph(model: onnx.ModelProto, wrt: Sequence[str], output: str) -> G
     except onnx_ad.UnsupportedOperator as exc:
         raise NoGradientError(f"no gradient through this model: {exc}") from exc
     seed = SEED_PREFIX + output
+    seed_dtype = np.float32
     for vi in adjoint.graph.input:
         if vi.name == seed:
+            if vi.type.tensor_type.elem_type:
+                seed_dtype = onnx.helper.tensor_dtype_to_np_dtype(
+                    vi.type.tensor_type.elem_type).type
             for dim in vi.type.tensor_type.shape.dim:
                 dim.Clear()
                 dim.dim_value = 1
@@ -70,7 +78,60 @@ def gradient_graph(model: onnx.ModelProto, wrt: Sequence[str], output: str) -> G
     adjoint.graph.output.extend(outputs)
     drop_dead_nodes(adjoint)
     speed_up_seed_axis(adjoint)
-    return GradientGraph(adjoint, seed, {x: SEED_PREFIX + x for x in wrt})
+    UpcastHalfKernels().run(adjoint)
+    return GradientGraph(adjoint, seed, {x: SEED_PREFIX + x for x in wrt}, seed_dtype)
+
+
+# ops ONNX Runtime's CPU provider runs in float32 but not in float16 (or bfloat16): op ->
+# (the operand positions that carry the data, the attribute that must be set for the gap)
+_HALF_GAPS = {"ScatterND": ((0, 2), "reduction"), "ScatterElements": ((0, 2), "reduction")}
+_HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+class UpcastHalfKernels(Pass):
+    """Nodes that ONNX Runtime's CPU provider cannot run in half precision (the
+    accumulating ScatterND that onnx-ad emits for the adjoint of a Gather) compute in float32
+    between Casts; the node keeps its output name and type. Post: same outputs, nodes in
+    order."""
+
+    name = "upcast half-precision kernels"
+
+    def apply(self, model: onnx.ModelProto) -> int:
+        graph = model.graph
+        wanted = [n for n in graph.node if n.op_type in _HALF_GAPS and any(
+            a.name == _HALF_GAPS[n.op_type][1] and a.s not in (b"", b"none")
+            for a in n.attribute)]
+        if not wanted:
+            return 0
+        typed = onnx.shape_inference.infer_shapes(model)
+        elem = {vi.name: vi.type.tensor_type.elem_type
+                for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
+        elem.update({t.name: t.data_type for t in graph.initializer})
+        changed = 0
+        nodes = []
+        for node in graph.node:
+            kind = elem.get(node.input[0]) if node in wanted else None
+            if kind not in _HALF_TYPES:
+                nodes.append(node)
+                continue
+            for pos in _HALF_GAPS[node.op_type][0]:
+                wide = f"{node.input[pos]}.upcast{changed}.f32"
+                nodes.append(onnx.helper.make_node("Cast", [node.input[pos]], [wide],
+                                                   name=wide, to=onnx.TensorProto.FLOAT))
+                node.input[pos] = wide
+            out = node.output[0]
+            node.output[0] = f"{out}.f32"
+            nodes.append(node)
+            nodes.append(onnx.helper.make_node("Cast", [node.output[0]], [out],
+                                               name=f"{out}.upcast{changed}", to=kind))
+            changed += 1
+        del graph.node[:]
+        graph.node.extend(nodes)
+        self.changed = changed
+        return changed
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        return [*outputs_changed(before, after), *unsorted_nodes(after)]
 
 
 # operands onnx-ad needs as constants, by op: input positions
@@ -158,9 +219,11 @@ def declare_static_shapes(model: onnx.ModelProto, one: Trace, two: Trace,
 
 @dataclass
 class DeclareStaticShapes(Pass):
-    """Static ``value_info`` for shapeless Slice/Concat operands, from two traces (batch 1
-    and 2) scaled to ``batch``. Post: nodes, initializers and outputs unchanged, one
-    ``value_info`` per tensor, each declared shape the traced one at ``batch``."""
+    """Static ``value_info`` for shapeless Slice/Concat operands and for the outputs of
+    contrib ops (onnx shape inference cannot type them, so nothing after them, the loss
+    included, would get a rank), from two traces (batch 1 and 2) scaled to ``batch``.
+    Post: nodes, initializers and outputs unchanged, one ``value_info`` per tensor, each
+    declared shape the traced one at ``batch``."""
 
     one: Trace
     two: Trace
@@ -204,8 +267,8 @@ class DeclareStaticShapes(Pass):
 
 def _shapeless_operands(model: onnx.ModelProto, one: Trace, two: Trace,
                         typed: onnx.ModelProto | None = None) -> list[str]:
-    """Slice/Concat operands without a static inferred shape, traced at the same rank in
-    both traces (in graph order, each once)."""
+    """Slice/Concat operands and contrib-op outputs without a static inferred shape, traced
+    at the same rank in both traces (in graph order, each once)."""
     typed = typed or onnx.shape_inference.infer_shapes(model)
     static = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input]
               if vi.type.tensor_type.HasField("shape")
@@ -213,10 +276,14 @@ def _shapeless_operands(model: onnx.ModelProto, one: Trace, two: Trace,
     static |= {t.name for t in model.graph.initializer}
     found: dict[str, None] = {}
     for node in model.graph.node:
-        if node.op_type not in _STATIC_OPERANDS:
+        if node.domain not in ("", "ai.onnx"):
+            names = list(node.output)
+        elif node.op_type in _STATIC_OPERANDS:
+            positions = _STATIC_OPERANDS[node.op_type] or range(len(node.input))
+            names = [node.input[p] for p in positions if p < len(node.input)]
+        else:
             continue
-        positions = _STATIC_OPERANDS[node.op_type] or range(len(node.input))
-        for name in (node.input[p] for p in positions if p < len(node.input)):
+        for name in names:
             if (name and name not in static and name in one and name in two
                     and len(np.shape(one[name])) == len(np.shape(two[name]))):
                 found[name] = None

@@ -19,6 +19,10 @@ per-sample arrays that the scoring passes feed to the model batch by batch:
 synthesised. :func:`write_calibration` and :func:`read_calibration` handle the ``.npz``
 format without a model; :func:`check_samples` is the one validator of the arrays.
 
+Float inputs are cast to the model's input types (float32 data for a float16 model, float16
+data for a float32 one), in memory as from files; float targets stay at least float32, the
+type the loss is computed in.
+
 Every problem with the data is one :class:`~onnxprune.errors.OnnxpruneError` line naming
 the file and what is wrong with it.
 """
@@ -29,7 +33,7 @@ import csv
 import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ from onnx import helper
 
 from onnxprune.datasets.timeseries import ETT_SPLITS, SPLIT_NAMES, Splits, load_windows
 from onnxprune.errors import OnnxpruneError
+from onnxprune.input_roles import InputRole, input_roles
 from onnxprune.runtime import synthetic_feeds
 from onnxprune.shapes import (
     InputSpec,
@@ -82,6 +87,7 @@ class CalibrationData:
     source: str = "<memory>"
     data_free: bool = False
     fixed_batch: int | None = None
+    synthesised: dict[str, str] = field(default_factory=dict)   # input -> what was made
 
     @property
     def n_samples(self) -> int:
@@ -219,7 +225,7 @@ def load_calibration(
         raise OnnxpruneError("the model has no inputs to feed calibration data to")
     batch = static_batch(model)
     if path is None:
-        data = _synthesise(specs, samples, seed, shapes, batch)
+        data = _synthesise(specs, samples, seed, shapes, batch, input_roles(model))
     else:
         data = _load_file(Path(path), model, specs, samples, seed, shapes, split)
     data.fixed_batch = batch
@@ -243,7 +249,8 @@ def load_or_synthesise(
     synthesised from the input signature; dynamic dims besides the batch must then be given
     in ``shapes`` (guessed sizes would measure the model at a size it never runs at)."""
     if isinstance(source, CalibrationData):
-        return source.take(samples) if samples and samples < source.n_samples else source
+        data = source.take(samples) if samples and samples < source.n_samples else source
+        return _in_model_dtypes(data, input_specs(model))
     if source is None:
         check_synthesisable(input_specs(model), shapes)
     return load_calibration(source, model, samples=samples, seed=seed,
@@ -324,6 +331,7 @@ def _synthesise(
     seed: int,
     shapes: Mapping[str, tuple[int, ...]] | None,
     batch: int | None,
+    roles: Mapping[str, InputRole],
 ) -> CalibrationData:
     n = int(samples) if samples is not None else max(DEFAULT_SYNTHETIC_SAMPLES, batch or 0)
     batched = []
@@ -334,7 +342,10 @@ def _synthesise(
             )
         shape = spec.concrete(shapes)
         batched.append(InputSpec(spec.name, spec.dtype, (n, *shape[1:])))
-    return CalibrationData(synthetic_feeds(batched, seed=seed), {}, "synthetic", True)
+    data = CalibrationData(synthetic_feeds(batched, seed=seed, roles=roles), {}, "synthetic",
+                           True)
+    data.synthesised = {s.name: roles[s.name].describe() for s in specs if s.name in roles}
+    return data
 
 
 # --- files ----------------------------------------------------------------------------
@@ -695,11 +706,31 @@ def _cast_input(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _in_model_dtypes(data: CalibrationData, specs: list[InputSpec]) -> CalibrationData:
+    """``data`` with float inputs cast to the model's float input types (float32 arrays for
+    a float16 model); the same object when nothing needs casting."""
+    wanted = {s.name: np.dtype(s.dtype) for s in specs}
+    cast = {k: v for k, v in data.inputs.items() if k in wanted
+            and np.asarray(v).dtype.kind == "f" == wanted[k].kind
+            and np.asarray(v).dtype != wanted[k]}
+    if not cast:
+        return data
+    inputs = dict(data.inputs)
+    for name, value in cast.items():
+        spec = next(s for s in specs if s.name == name)
+        inputs[name] = _cast_input(Path(data.source), spec, np.asarray(value))
+    return replace(data, inputs=inputs)
+
+
 def _cast_target(path: Path, out: OutputSpec, array: np.ndarray) -> np.ndarray:
     if out.dims is not None and _is_class_ids(array, out):
         return np.ascontiguousarray(array, dtype=np.int64)
+    # float targets stay at least float32: the loss is computed in float32 (a float16
+    # output's targets keep their precision)
+    want = np.promote_types(out.dtype, np.float32) if np.dtype(out.dtype).kind == "f" \
+        else out.dtype
     with np.errstate(over="ignore"):
-        cast = np.ascontiguousarray(array, dtype=out.dtype)
+        cast = np.ascontiguousarray(array, dtype=want)
     if cast.dtype.kind == "f" and array.dtype.kind == "f" and not np.isfinite(cast).all():
         raise OnnxpruneError(
             f"{path}: target array {out.name!r} has values too large for model output "

@@ -163,6 +163,8 @@ class Trainer:
         for name, value in self.weights.items():
             work.graph.input.append(helper.make_tensor_value_info(
                 name, onnx.TensorProto.FLOAT, list(value.shape)))
+        _cast_half_weights(work, {t.name: t.data_type for t in model.graph.initializer
+                                  if t.name in self.weights})
         lossy = with_loss(work, spec)
         self.eval_session = make_session(lossy, threads=threads)
         # static slice shapes only in the training graph: it runs at one batch size
@@ -172,7 +174,7 @@ class Trainer:
         self.outputs = [SAMPLE_LOSS, *self.graph.gradients.values()]
 
     def step(self, inputs: dict, targets: dict) -> tuple[float, dict[str, np.ndarray]]:
-        feeds = {**inputs, **targets, **self.weights, self.graph.seed: np.ones(1, np.float32)}
+        feeds = {**inputs, **targets, **self.weights, self.graph.seed: self.graph.seed_value()}
         values = run(self.session, feeds, self.outputs)
         n = len(values[SAMPLE_LOSS])
         grads = {w: values[self.graph.gradients[w]][..., 0] / n for w in self.weights}
@@ -186,6 +188,24 @@ class Trainer:
             total += float(losses.astype(np.float64).sum())
             count += len(losses)
         return total / max(count, 1)
+
+
+def _cast_half_weights(model: onnx.ModelProto, types: dict[str, int]) -> None:
+    """Trained weights are float32 inputs (the optimiser's master copy); where the model
+    holds one in another type (float16), its readers get it through a Cast to that type, so
+    the graph computes as the model does. In place."""
+    half = {name: t for name, t in types.items() if t != onnx.TensorProto.FLOAT}
+    if not half:
+        return
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in half:
+                node.input[i] = f"{name}.cast"
+    casts = [helper.make_node("Cast", [name], [f"{name}.cast"], name=f"{name}.cast", to=t)
+             for name, t in half.items()]
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 class AdamW:

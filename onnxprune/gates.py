@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.input_roles import input_roles
 from onnxprune.passes import DerivePass, inputs_lost, outputs_changed, unread_inputs
 from onnxprune.runtime import synthetic_feeds, trace
 from onnxprune.shapes import doubled_batch_feeds, input_specs
@@ -54,6 +55,7 @@ class Gate:
     batch_dim: int | None = None
     batch_inner: bool = False    # rows of one sample are strided by the batch ([T*B, ...])
     unit: UnitKind | None = None  # the unit kind it gates (None for send)
+    dtype: type = np.float32     # the gated tensor's element type (float16 in fp16 models)
 
     def shape_at(self, batch: int) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -88,10 +90,11 @@ class GatedModel:
         extra = {new: trace[old] for new, old in (self.aliases or {}).items() if old in trace}
         return {**trace, **extra}
 
-    def feeds(self, plan: Plan | None = None, dtype: type = np.float32,
+    def feeds(self, plan: Plan | None = None, dtype: type | None = None,
               batch: int = 1) -> dict[str, np.ndarray]:
-        """Gate values: 1 everywhere, 0 for the units the plan removes."""
-        values = {g.input: np.ones(g.shape_at(batch), dtype) for g in self.gates}
+        """Gate values: 1 everywhere, 0 for the units the plan removes; each in its gate's
+        dtype (the gated tensor's) unless ``dtype`` overrides it."""
+        values = {g.input: np.ones(g.shape_at(batch), dtype or g.dtype) for g in self.gates}
         for gate in self.gates:
             cut = plan.cuts.get(gate.block) if plan else None
             if cut is not None:
@@ -167,7 +170,8 @@ class Gater:
             inner = self.batch_is_inner(tensor, axis)
         var = gs.Variable(name, dtype=dtype, shape=declared)
         self.graph.inputs.append(var)
-        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim, inner, unit))
+        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim, inner, unit,
+                               np.dtype(dtype).type))
         return var, axis
 
     def multiply(self, tensor: str, factor: gs.Tensor, label: str) -> None:
@@ -249,7 +253,8 @@ def batch_trace(analysis: Analysis) -> dict[str, np.ndarray]:
     first, then a different one): comparing it with the analysis trace shows which axis of
     each tensor carries the batch, and how its rows are ordered."""
     specs = input_specs(analysis.model)
-    extra = synthetic_feeds(specs, analysis.structure.input_shapes, seed=1)
+    extra = synthetic_feeds(specs, analysis.structure.input_shapes, seed=1,
+                            roles=input_roles(analysis.model))
     return trace(analysis.model, doubled_batch_feeds(specs, analysis.trace, extra))
 
 

@@ -15,6 +15,12 @@ import onnx
 from onnx import numpy_helper
 
 _PASS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+# (domain, op, position of an index input) -> position of the table it indexes (its rows)
+_INDEXES = {
+    ("", "Gather", 1): 0,
+    ("com.microsoft", "EmbedLayerNormalization", 0): 2,   # ORT-optimized BERT embeddings
+    ("com.microsoft", "EmbedLayerNormalization", 1): 4,
+}
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,25 @@ def _indexed_rows(name: str, users: dict[str, list[onnx.NodeProto]],
             continue
         seen.add(tensor)
         for node in users.get(tensor, []):
-            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == tensor:
-                shape = tables.get(node.input[0])
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                if shape:
-                    return int(shape[axis])
-            elif node.op_type in _PASS and node.input[0] == tensor:
+            rows = _table_rows(node, tensor, tables)
+            if rows:
+                return rows
+            if node.op_type in _PASS and node.input[0] == tensor:
                 stack.extend(node.output)
+    return None
+
+
+def _table_rows(node: onnx.NodeProto, tensor: str, tables: dict[str, tuple[int, ...]]
+                ) -> int | None:
+    """Rows of the constant table ``node`` indexes with ``tensor`` (None: it does not)."""
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    for position, name in enumerate(node.input):
+        table = _INDEXES.get((domain, node.op_type, position))
+        if name == tensor and table is not None and table < len(node.input):
+            shape = tables.get(node.input[table])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if shape:
+                return int(shape[axis])
     return None
 
 

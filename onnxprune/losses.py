@@ -1,5 +1,8 @@
 """Calibration losses as ONNX subgraphs (so onnx-ad can differentiate them) and in numpy.
 
+The loss is always computed in float32: a float16 or float64 output is cast first and the
+targets are float32 inputs, so a half-precision model's loss cannot overflow.
+
 With targets the loss is the task loss: MSE or MAE for forecasts and regressions,
 cross-entropy for class ids. Without targets it is self-distillation against the original
 model's outputs on the same inputs: MSE, or KL on the softmax for classifier logits (in the
@@ -113,8 +116,15 @@ def with_loss(model: onnx.ModelProto, spec: LossSpec) -> onnx.ModelProto:
         declared = onnx.ValueInfoProto()
         declared.CopyFrom(by_name[name])
         declared.name = target
+        # the loss is computed in float32 whatever the output's type (no fp16 overflow)
+        declared.type.tensor_type.elem_type = TensorProto.FLOAT
         graph.input.append(declared)
-        terms.append(_sample_loss(graph, spec.kind, name, target, rank, f"onnxprune.loss{i}",
+        value = name
+        if by_name[name].type.tensor_type.elem_type != TensorProto.FLOAT:
+            value = f"onnxprune.loss{i}.float"
+            graph.node.append(helper.make_node("Cast", [name], [value], name=value,
+                                               to=TensorProto.FLOAT))
+        terms.append(_sample_loss(graph, spec.kind, value, target, rank, f"onnxprune.loss{i}",
                                   _opset(out)))
     if len(terms) == 1:
         graph.node.append(helper.make_node("Identity", terms, [SAMPLE_LOSS]))

@@ -168,7 +168,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     loss_after, quality_after = data.evaluate(current, opts.threads)
     report = Report(method, opts.granularity, opts.target, opts.ratio, spec.describe,
                     {"source": calib.source, "samples": calib.n_samples,
-                     "data_free": calib.data_free},
+                     "data_free": calib.data_free, "synthesised": calib.synthesised},
                     first.structure.params, analysis.structure.params, first.structure.flops,
                     analysis.structure.flops, loss_before, loss_after, quality_before,
                     quality_after, time.perf_counter() - start, units, records, first_scores,

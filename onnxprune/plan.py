@@ -56,9 +56,9 @@ def exclusions(analysis: Analysis, kinds: set[UnitKind]) -> list[Exclusion]:
     out = []
     for block in analysis.structure.blocks:
         for kind in kinds_of(block):
-            reason = kind.refusal(block) if kind in kinds else None
-            if reason is not None:
-                out.append(Exclusion(block.name, kind, reason))
+            refused = kind.refusal(block) if kind in kinds else None
+            if refused is not None:   # the block-free note where there is one
+                out.append(Exclusion(block.name, kind, kind.limitation(block) or refused))
     return out
 
 

@@ -124,7 +124,10 @@ def prune_summary(report) -> str:
         for unit in step.units:
             counts[unit.kind.plural] = counts.get(unit.kind.plural, 0) + 1
     data = report.data
-    source = (f"synthetic inputs ({data['samples']} samples, data-free)" if data["data_free"]
+    made = "; ".join(f"{k}: {v}" for k, v in data.get("synthesised", {}).items()
+                     if v != "standard normal")
+    source = (f"synthetic inputs ({data['samples']} samples, data-free"
+              f"{': ' + made if made else ''})" if data["data_free"]
               else f"{data['source']} ({data['samples']} samples)")
     qb, qa = report.quality_before, report.quality_after
     rows = [

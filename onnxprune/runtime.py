@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 
@@ -12,6 +13,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.input_roles import InputRole, synthesise
 from onnxprune.shapes import InputSpec, input_specs
 
 # the signature lives in onnxprune.shapes; these names stay importable from here
@@ -20,13 +22,19 @@ __all__ = ["InputSpec", "available_providers", "input_specs", "make_session", "p
 
 
 def synthetic_feeds(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None,
-                    *, seed: int = 0, dynamic: int = 1) -> dict[str, np.ndarray]:
-    """Random inputs matching the signature: normal floats; zeros for ids, ones for masks."""
+                    *, seed: int = 0, dynamic: int = 1,
+                    roles: Mapping[str, InputRole] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs matching the signature. With ``roles`` (``input_roles(model)``) each
+    input fits what it means (token ids within their table, positions, masks of ones);
+    without, normal floats, zeros for ids and ones for masks."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
         shape = spec.concrete(shapes, dynamic)
-        if np.issubdtype(spec.dtype, np.floating):
+        role = (roles or {}).get(spec.name)
+        if role is not None:
+            feeds[spec.name] = synthesise(role, shape, spec.dtype, rng)
+        elif np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
             feeds[spec.name] = np.ones(shape, dtype=np.bool_)
@@ -65,7 +73,9 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
             onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
             return ort.InferenceSession(path, opts, providers=providers)
     except Exception as exc:  # onnxruntime raises several exception types
-        raise OnnxpruneError(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from exc
+        raise OnnxpruneError(_half_kernel_gap(model, exc)
+                             or f"ONNX Runtime cannot load the model: {_first_line(exc)}"
+                             ) from exc
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
@@ -84,6 +94,8 @@ def probe_model(model: onnx.ModelProto, names: list[str] | None = None) -> onnx.
     typed = onnx.shape_inference.infer_shapes(model, data_prop=True)
     elem_types = {vi.name: vi.type.tensor_type.elem_type
                   for vi in [*typed.graph.value_info, *typed.graph.output, *typed.graph.input]}
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):
+        _contrib_types(model, elem_types)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -96,6 +108,53 @@ def probe_model(model: onnx.ModelProto, names: list[str] | None = None) -> onnx.
                     helper.make_tensor_value_info(name, elem_types[name], None))
                 existing.add(name)
     return probe
+
+
+def _contrib_types(model: onnx.ModelProto, elem_types: dict[str, int]) -> None:
+    """Element types of the tensors ONNX's own inference leaves untyped because a contrib op
+    (com.microsoft Attention, SkipLayerNormalization, ...) produces them or feeds them: ONNX
+    Runtime's symbolic shape inference knows those ops; where it fails, output 0 of a contrib
+    op gets the type of its first typed input, and standard ops are inferred again."""
+    def untyped(name: str) -> bool:
+        return bool(name) and not elem_types.get(name)
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True,
+                                                       guess_output_rank=True)
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+            if untyped(vi.name) and vi.type.tensor_type.elem_type:
+                elem_types[vi.name] = vi.type.tensor_type.elem_type
+    except Exception:
+        pass
+    if not any(untyped(o) for node in model.graph.node for o in node.output):
+        return
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    typed = onnx.ModelProto()
+    typed.CopyFrom(model)
+    for _ in range(len(model.graph.node)):
+        added = False
+        for node in typed.graph.node:
+            if node.domain in ("", "ai.onnx") or not node.output or not untyped(node.output[0]):
+                continue
+            first = next((elem_types.get(i) or inits[i] for i in node.input
+                          if elem_types.get(i) or inits.get(i)), None)
+            if first is not None:
+                elem_types[node.output[0]] = first
+                added = True
+        if not added:
+            return
+        del typed.graph.value_info[:]
+        typed.graph.value_info.extend(helper.make_tensor_value_info(name, t, None)
+                                      for name, t in elem_types.items() if t)
+        try:
+            again = onnx.shape_inference.infer_shapes(typed)
+        except Exception:
+            return
+        for vi in again.graph.value_info:
+            if untyped(vi.name) and vi.type.tensor_type.elem_type:
+                elem_types[vi.name] = vi.type.tensor_type.elem_type
 
 
 def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,3 +173,35 @@ def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name "
+                        r"'([^']*)'")
+_HALF_NAMES = {onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.FLOAT16: "float16"}
+
+
+def _half_kernel_gap(model: onnx.ModelProto, exc: BaseException) -> str | None:
+    """The one-line error for a model ONNX Runtime lacks a half-precision kernel for (its
+    CPU provider runs no bfloat16 MatMul, Add, ...): names the op and the dtype."""
+    found = _NO_KERNEL.search(str(exc))
+    if not found:
+        return None
+    types = {t.data_type for t in model.graph.initializer}
+    types |= {vi.type.tensor_type.elem_type for vi in [*model.graph.input, *model.graph.output,
+                                                        *model.graph.value_info]}
+    half = next((name for t, name in _HALF_NAMES.items() if t in types), None)
+    if half is None:
+        return None
+    op, node = found.group(1), found.group(3)
+    known = {t.name: t.data_type for t in model.graph.initializer}
+    known.update({vi.name: vi.type.tensor_type.elem_type for vi in
+                  [*model.graph.input, *model.graph.output, *model.graph.value_info]})
+    reads = [known[i] for n in model.graph.node if node and n.name == node
+             for i in n.input if known.get(i)]
+    if reads and not any(t in _HALF_NAMES for t in reads):
+        return None
+    where = f" (node {node!r})" if node else ""
+    return (f"ONNX Runtime has no {half} kernel for {op}{where} on this provider: onnxprune "
+            f"cannot run this {half} model; convert it to float16 or float32"
+            if half == "bfloat16" else
+            f"ONNX Runtime has no {half} kernel for {op}{where} on this provider")

@@ -108,6 +108,25 @@ def partial_dims(label: str, dims: tuple[int | str, ...], given: tuple[int, ...]
     return [d if isinstance(d, int) else int(given[i]) for i, d in enumerate(dims)]
 
 
+def complete_shapes(specs: list[InputSpec], overrides: Overrides = None) -> Shapes | None:
+    """``overrides`` plus the shape of every other input whose dynamic dims are all named
+    by a given one: ``--shape input_ids:1,128`` settles ``attention_mask[batch, seq]``."""
+    if not overrides:
+        return None
+    named: dict[str, int] = {}
+    for spec in specs:
+        if spec.name in overrides:
+            for dim, size in zip(spec.dims, overrides[spec.name]):
+                if isinstance(dim, str) and dim:
+                    named.setdefault(dim, int(size))
+    out = dict(overrides)
+    for spec in specs:
+        if spec.name not in out and spec.dims and all(
+                isinstance(d, int) or d in named for d in spec.dims):
+            out[spec.name] = tuple(d if isinstance(d, int) else named[d] for d in spec.dims)
+    return out
+
+
 def check_synthesisable(specs: list[InputSpec], overrides: Overrides = None) -> None:
     """Raise for an input whose non-batch dims are dynamic and not given: synthetic data of
     a guessed size would score the model at a size it never runs at."""

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import NotPrunableError
 from onnxprune.ops import require_rule
+from onnxprune.ops.skip_layernorm import is_skip_layernorm, zero_summand
 from onnxprune.passes import DerivePass, outputs_changed
 from onnxprune.structure.axes import varies_along
 from onnxprune.structure.blocks import Block
@@ -94,7 +95,10 @@ class BlockSurgeon:
             self.old[name] = labels.shape
             self.new[name] = new_shape(labels, self.roles, name)
         for seed in self.block.seeds:
-            self._slice_projection(seed)
+            if self.view.is_projection(self.view.node[seed]):
+                self._slice_projection(seed)
+            # else a fused op holding its own projection (com.microsoft Attention's packed
+            # QKV weight): its op rule's ``fix`` slices it
         for sink in self.flow.sinks:
             self._slice_rows(sink.node, self.roles.keep(sink.rows))
         for operand in self.flow.operands:
@@ -229,6 +233,9 @@ class BlockSurgeon:
 def remove_module(graph: gs.Graph, block: Block) -> None:
     """The residual add becomes its residual input; the module's subgraph dies."""
     add = next(n for n in graph.nodes if n.name == block.residual_add)
+    if is_skip_layernorm(add):  # the add is inside the fused op: the summand becomes zeros
+        zero_summand(graph, add, block.module_output)
+        return
     residual = next(t for t in add.inputs if t.name != block.module_output)
     add.op, add.inputs, add.attrs = "Identity", [residual], {}
 

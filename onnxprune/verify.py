@@ -1,5 +1,12 @@
 """The exactness contract: cut(model)(x) == gated(model)(x, removed gates = 0), on random
-inputs, for every output; plus onnx.checker (full) and an ONNX Runtime load."""
+inputs, for every output; plus onnx.checker (full) and an ONNX Runtime load.
+
+"Exactly" means to float tolerance fitting the model's dtype (:func:`tolerance`): the cut
+changes how many terms a MatMul sums, so outputs differ by rounding. The precision that
+bounds that rounding is the least precise float type the model computes or returns in
+(its inputs, outputs, weights, constants and Cast targets): a float16 model, or a float32
+model whose weights are float16 (``keep_io_types``), computes in float16.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import onnx
 
 from onnxprune.errors import VerificationError
 from onnxprune.gates import gate_model
+from onnxprune.input_roles import input_roles
 from onnxprune.runtime import make_session, run, synthetic_feeds
 from onnxprune.shapes import input_specs, verification_shapes
 from onnxprune.structure.discover import Analysis
@@ -36,13 +44,62 @@ def check_model(model: onnx.ModelProto, what: str) -> None:
         raise VerificationError(f"{what} fails onnx.checker: {message}") from exc
 
 
+# float32 (and float64) models: the tolerance as it always was
+FLOAT32_RTOL, FLOAT32_ATOL = 1e-4, 1e-5
+# half precision: multiples of the type's machine epsilon (float16: rtol 1.6e-2, atol 3.9e-3
+# of the largest output magnitude and absolute; bfloat16: 1.3e-1, 3.1e-2)
+HALF_RTOL_EPS, HALF_ATOL_EPS = 16, 4
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.BFLOAT16: None,       # no numpy type; epsilon 2**-7
+}
+_EPS = {np.float64: float(np.finfo(np.float32).eps), np.float32: float(np.finfo(np.float32).eps),
+        np.float16: float(np.finfo(np.float16).eps), None: 2.0 ** -7}
+
+
+def compute_precision(model: onnx.ModelProto) -> int:
+    """The least precise float element type (TensorProto enum) among the model's inputs,
+    outputs, initializers, Constant values and Cast targets (FLOAT when it has none)."""
+    graph = model.graph
+    found = {vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.output]}
+    found |= {t.data_type for t in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value":
+                found.add(attr.t.data_type)
+            elif node.op_type == "Cast" and attr.name == "to":
+                found.add(attr.i)
+    floats = [t for t in found if t in _FLOAT_TYPES]
+    return max(floats, key=lambda t: _EPS[_FLOAT_TYPES[t]], default=onnx.TensorProto.FLOAT)
+
+
+def tolerance(model: onnx.ModelProto) -> tuple[float, float]:
+    """(rtol, atol) for comparing a cut of ``model`` with its gated original: 1e-4 and 1e-5
+    for float32 models; ``HALF_RTOL_EPS`` and ``HALF_ATOL_EPS`` machine epsilons of the
+    compute type for float16 and bfloat16 ones (:func:`compute_precision`). rtol scales the
+    largest output magnitude."""
+    elem = compute_precision(model)
+    if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        return FLOAT32_RTOL, FLOAT32_ATOL
+    eps = _EPS[_FLOAT_TYPES[elem]]
+    return HALF_RTOL_EPS * eps, HALF_ATOL_EPS * eps
+
+
 def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 0,
-           rtol: float = 1e-4, atol: float = 1e-5) -> Verification:
-    """Raise VerificationError unless the cut model is exactly the gated original."""
+           rtol: float | None = None, atol: float | None = None) -> Verification:
+    """Raise VerificationError unless the cut model is exactly the gated original (to
+    :func:`tolerance` of the original's dtype unless ``rtol``/``atol`` are given)."""
+    default_rtol, default_atol = tolerance(analysis.model)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
     check_model(cut, "the cut model")
     gated = gate_model(analysis, blocks=list(plan.cuts))
     shapes = verification_shapes(input_specs(analysis.model), analysis.structure.input_shapes)
-    feeds = synthetic_feeds(input_specs(analysis.model), shapes, seed=seed)
+    feeds = synthetic_feeds(input_specs(analysis.model), shapes, seed=seed,
+                            roles=input_roles(analysis.model))
     reference = run(make_session(gated.model), {**feeds, **gated.feeds(plan)})
     try:
         got = run(make_session(cut), feeds)

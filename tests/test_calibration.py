@@ -182,8 +182,11 @@ def test_synthetic_default(model) -> None:
     assert dyn.inputs["x"].shape == (3, 1, 3)  # dynamic non-batch dims default to 1
     dyn = load_calibration(None, forecaster(lookback="L"), samples=3, shapes={"x": (1, 9, 3)})
     assert dyn.inputs["x"].shape == (3, 9, 3)
-    cls = load_calibration(None, classifier(), samples=2)
-    assert cls.inputs["ids"].dtype == np.int64 and not cls.inputs["ids"].any()
+    cls = load_calibration(None, classifier(), samples=8)
+    ids = cls.inputs["ids"]               # token ids drawn from the 10-row table they index
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 10 and ids.any()
+    assert (cls.inputs["mask"] == 1).all()
+    assert cls.synthesised == {"ids": "token ids in [0, 10)", "mask": "all ones"}
 
 
 def test_batches_and_take(tmp_path: Path, model) -> None:

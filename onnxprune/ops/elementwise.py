@@ -15,7 +15,9 @@ from onnxprune.ops.registry import LabelEngine, OpRule, Surgeon, register
 from onnxprune.structure.graph import ELEMENTWISE
 from onnxprune.structure.labels import Flow, Operand, varies_along
 
-MICROSOFT_ELEMENTWISE = frozenset({"Gelu", "FastGelu"})
+# ONNX Runtime's contrib activations and bias ops: elementwise with broadcast operands
+# (BiasGelu's and FastGelu's bias, BiasAdd's bias and skip are per-channel/per-element)
+MICROSOFT_ELEMENTWISE = frozenset({"Gelu", "FastGelu", "BiasGelu", "BiasAdd", "QuickGelu"})
 
 
 @register
@@ -47,7 +49,8 @@ class Elementwise(OpRule):
 
 @register
 class MicrosoftElementwise(Elementwise):
-    """ONNX Runtime's contrib activations (FastGelu's optional bias broadcasts)."""
+    """ONNX Runtime's contrib activations and bias ops (the bias input of BiasGelu, FastGelu
+    and BiasAdd broadcasts along the channel axis: a flow operand the cut slices)."""
 
     ops = MICROSOFT_ELEMENTWISE
     domain = "com.microsoft"

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import NotPrunableError
 from onnxprune.ops.registry import LabelEngine, OpRule, Surgeon, register
-from onnxprune.structure.labels import Flow
+from onnxprune.structure.labels import Flow, varies_along
 
 PASS_THROUGH = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Dropout",
                           "Cast", "CastLike"})
@@ -55,18 +55,53 @@ class Transpose(OpRule):
         """A permutation names no sizes."""
 
 
+COPY_SHIFT = 32   # copy r of label x (grouped-query repeats) is x + (r + 1) << COPY_SHIFT
+
+
 @register
 class Expand(OpRule):
+    """Broadcast. When the engine asks for copies (``engine.copy_of``, a dict, set for
+    grouped-query blocks), a repeat of heads, as ``repeat_kv`` exports it ([B, G, 1, T, d]
+    expanded to [B, G, n, T, d]: a size-1 axis right after an axis the labels vary along),
+    gives each copy its own labels and records copy -> original, so that query heads
+    sharing a key/value head can be told apart after the repeat. Without copies, a
+    broadcast keeps the labels."""
+
     ops = frozenset({"Expand"})
     since = 8
 
     def propagate(self, engine: LabelEngine, node: gs.Node, flow: Flow) -> None:
         out = node.outputs[0].name
-        flow.labels[out] = np.broadcast_to(flow.labels[node.inputs[0].name],
-                                           engine.shape(out)).copy()
+        data = flow.labels[node.inputs[0].name]
+        shape = engine.shape(out)
+        labels = np.broadcast_to(data, shape).copy()
+        copies = getattr(engine, "copy_of", None)
+        if copies is not None:
+            axis = _repeat_axis(data, shape)
+            if axis is not None:
+                offsets = (np.arange(shape[axis], dtype=np.int64) + 1) << COPY_SHIFT
+                view = [1] * len(shape)
+                view[axis] = shape[axis]
+                fresh = labels + offsets.reshape(view)
+                copies.update(zip(fresh.ravel().tolist(), labels.ravel().tolist()))
+                labels = fresh
+        flow.labels[out] = labels
 
     def fix(self, surgeon: Surgeon, node: gs.Node) -> None:
         surgeon.retarget(node, 1, node.outputs[0].name)
+
+
+def _repeat_axis(data: np.ndarray, shape: tuple[int, ...]) -> int | None:
+    """The axis a head repeat expands: size 1 in ``data`` (at the output's rank), larger in
+    ``shape``, right after the axis of the key/value heads (the labels vary along it, or it
+    holds one head: multi-query attention); None when there is none."""
+    if data.ndim != len(shape) or np.any(data < 0) or np.any(data >= 1 << COPY_SHIFT):
+        return None
+    for axis in range(2, data.ndim):
+        if data.shape[axis] == 1 < shape[axis] and (varies_along(data, axis - 1)
+                                                    or data.shape[axis - 1] == 1):
+            return axis
+    return None
 
 
 @register
@@ -103,6 +138,10 @@ class Slice(OpRule):
         axes = axes.astype(np.int64) % len(old)
         changed = [old[a] != new[a] for a in axes]
         computed = any(surgeon.view.const(t) is None for t in node.inputs[1:4] if t.name)
+        if computed and not any(changed):
+            # bounds computed from shapes on axes the cut keeps (rotate_half slicing the
+            # head_dim of RoPE while heads are cut): shape reads are restored, so they hold
+            return
         if computed and not all(changed):
             raise NotPrunableError(f"Slice node {node.name}: computed bounds on a pruned axis "
                                    "and another axis")

@@ -166,5 +166,5 @@ class Stat(ImportanceScore):
         model = probe_model(context.analysis.model, sorted(acc.tensors))
         session = make_session(model, threads=context.threads)
         for inputs, _ in context.batches():
-            acc.update(run(session, inputs))
+            acc.update({**inputs, **run(session, inputs)})   # a residual may be an input
         return acc.result()

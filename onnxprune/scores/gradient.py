@@ -43,6 +43,9 @@ from onnxprune.scores.base import (
 from onnxprune.structure.discover import Analysis
 from onnxprune.units import UnitKind, module_kind, unit_kind
 
+# the loss scale for float16 gate gradients (divided by 64 while the gradients overflow)
+HALF_LOSS_SCALE = 4096.0
+
 
 class GradientPass:
     """Runs the gate-gradient graph on batches: per-sample losses and gate gradients."""
@@ -89,12 +92,23 @@ class GradientPass:
         batch = len(next(iter(inputs.values())))
         feeds = {**inputs, **targets, **self.gated.feeds(batch=batch)}
         graph, session = self._graph(feeds)
-        feeds[graph.seed] = np.ones(1, np.float32)
-        values = run(session, feeds, [SAMPLE_LOSS, *graph.gradients.values()])
+        names = [SAMPLE_LOSS, *graph.gradients.values()]
+        # half-precision gates: the loss (float32) is scaled before the backward pass so
+        # that small adjoints do not underflow float16, and scaled down again on overflow
+        half = any(np.dtype(g.dtype).itemsize < 4 for g in self.gates)
+        scale = HALF_LOSS_SCALE if half else 1.0
+        while True:
+            feeds[graph.seed] = graph.seed_value() * graph.seed_dtype(scale)
+            values = run(session, feeds, names)
+            if scale <= 1 or all(np.isfinite(values[n]).all() for n in names[1:]):
+                break
+            scale = max(1.0, scale / 64)
         grads = {}
         for gate in self.gates:
-            value = values[graph.gradients[gate.input]]
-            grads[gate] = gate.per_sample(value[..., 0], batch)
+            value = values[graph.gradients[gate.input]][..., 0]
+            if half:
+                value = value.astype(np.float64) / scale
+            grads[gate] = gate.per_sample(value, batch)
         return values[SAMPLE_LOSS], grads
 
 

@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.input_roles import input_roles
 from onnxprune.runtime import input_specs, synthetic_feeds, trace
 from onnxprune.structure.blocks import Structure, find_blocks
 from onnxprune.structure.cost import model_flops, model_params
@@ -42,7 +43,7 @@ def analyse(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None
     if unknown:
         raise OnnxpruneError(f"--shape names unknown input {sorted(unknown)[0]!r}; inputs are "
                              f"{[s.name for s in specs]}")
-    feeds = synthetic_feeds(specs, shapes, seed=0, dynamic=1)
+    feeds = synthetic_feeds(specs, shapes, seed=0, dynamic=1, roles=input_roles(work))
     values = trace(work, feeds)
     view = GraphView(gs.import_onnx(work))
     blocks = find_blocks(view, values)

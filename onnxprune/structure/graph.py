@@ -167,9 +167,11 @@ def fresh_name(taken: set[str], name: str) -> str:
 
 
 def effective_weight(view: GraphView, node: str) -> np.ndarray:
-    """The [K, N] matrix a MatMul/Gemm projection multiplies by."""
+    """The [K, N] matrix a MatMul/Gemm projection (or a fused op's packed weight, its
+    second input) multiplies by."""
     n = view.node[node]
-    _, value = view.weight_of(n)
+    found = view.weight_of(n)
+    _, value = found if found is not None else (1, view.const(n.inputs[1]))
     if n.op == "Gemm" and n.attrs.get("transB", 0):
         value = value.T
     return value.astype(np.float64)

@@ -1,9 +1,10 @@
 """Unit kinds (one class each, in a registry), typed units and the plan the cut takes.
 
 Importing the package registers the built-in kinds: attention module, head, QK channel and
-VO channel (``attention.py``); FFN module and FFN channel (``ffn.py``)."""
+VO channel (``attention.py``); KV group of grouped-query attention
+(``kv_group.py``); FFN module and FFN channel (``ffn.py``)."""
 
-from onnxprune.units import attention, ffn  # noqa: F401  (registers the built-in kinds)
+from onnxprune.units import attention, ffn, kv_group  # noqa: F401  (registers the built-in kinds)
 from onnxprune.units.base import (
     BlockBudget,
     Candidate,

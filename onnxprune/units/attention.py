@@ -32,8 +32,32 @@ if TYPE_CHECKING:
 
 
 def _value_positions(block: AttentionBlock) -> dict[int, tuple[int, int]]:
-    """V label id -> (head, channel)."""
-    return {int(v): (h, d) for h, row in enumerate(block.v_labels) for d, v in enumerate(row)}
+    """V label id (of each query head's copy, where grouped-query attention repeats V) ->
+    (head, channel)."""
+    values = block.v_labels if block.v_copies is None else block.v_copies
+    return {int(v): (h, d) for h, row in enumerate(values) for d, v in enumerate(row)}
+
+
+def split_heads(block: AttentionBlock) -> bool:
+    """Whether query heads of a grouped-query block can be cut inside their group: the
+    export repeats K/V with an Expand, whose copies the label flow tells apart."""
+    return block.k_copies is not None and block.v_copies is not None
+
+
+def group_rank(block: AttentionBlock) -> np.ndarray:
+    """Per query head: its position among the heads of its group."""
+    rank = np.zeros(block.heads, np.int64)
+    for g in range(block.kv_heads):
+        heads = np.flatnonzero(block.groups == g)
+        rank[heads] = np.arange(len(heads))
+    return rank
+
+
+def head_of_rows(block: AttentionBlock) -> np.ndarray:
+    """Per output-projection row: the query head whose values it reads (in grouped-query
+    attention, where heads share value rows, some head of the row's group)."""
+    positions = _value_positions(block)
+    return np.array([positions[int(r)][0] for r in block.flow.sinks[0].rows], np.int64)
 
 
 @register_kind
@@ -56,6 +80,21 @@ class AttentionModule(ModuleKind):
             for h, row in enumerate(labels):
                 for d, label in enumerate(row.tolist()):
                     roles.head[label], roles.channel[label] = h, d
+        if block.grouped and split_heads(block):
+            # shared K/V heads are "head" H + g; the copy of a query head (rank r in its
+            # group) is head H + g, channel r·d + c: the repeat axis then counts kept
+            # copies per group and the group axis kept groups (surgery.new_shape)
+            rank = group_rank(block)
+            for labels, copies in ((block.k_labels, block.k_copies),
+                                   (block.v_labels, block.v_copies)):
+                width = labels.shape[1]
+                for h in range(block.heads):
+                    group = block.heads + int(block.groups[h])
+                    for label in labels[h].tolist():
+                        roles.head[label] = group
+                    for d, label in enumerate(copies[h].tolist()):
+                        roles.head[label] = group
+                        roles.channel[label] = int(rank[h]) * width + d
         for token, h in block.tokens.items():
             roles.head[token] = h
         return roles
@@ -82,25 +121,74 @@ class Head(UnitKind):
     def describe(self, block: AttentionBlock) -> dict:
         return {"heads": block.heads} if block.heads else {}
 
-    def site(self, analysis: Analysis, block: AttentionBlock) -> GateSite:
-        sink = block.flow.sinks[0]
-        positions = _value_positions(block)
-        return GateSite(sink.input, np.array([positions[int(r)][0] for r in sink.rows]),
-                        block.heads)
+    def refusal(self, block: Block) -> str | None:
+        reason = super().refusal(block)
+        if reason is None and block.grouped and not split_heads(block):
+            return (f"query heads of {block.name} share key/value heads that the graph does "
+                    f"not repeat with an Expand: cut whole groups ({block.name}.kv<g>)")
+        return reason
 
-    def mark(self, roles: LabelRoles, block: AttentionBlock, removed: set[Index]) -> None:
-        heads = {h for (h,) in removed}
-        roles.removed_heads |= heads
-        for labels in (block.q_labels, block.k_labels, block.v_labels):
-            for h in heads:
-                roles.removed.update(labels[h].tolist())
-        roles.removed.update(t for t, h in block.tokens.items() if h in heads)
+    def limitation(self, block: Block) -> str | None:
+        if block.prunable and isinstance(block, AttentionBlock) and block.grouped \
+                and not split_heads(block):
+            return "query heads are cut with their KV group only"
+        return None
 
     def normalise(self, cut: BlockCut, block: AttentionBlock) -> None:
-        if len(cut.removed.get(self.key, ())) == block.heads:
-            cut.remove_whole(block, "every head")
+        if not block.grouped:
+            if len(cut.removed.get(self.key, ())) == block.heads:
+                cut.remove_whole(block, "every head")
+            return
+        # grouped-query: every query head of a group is the group (attn{i}.kv{g}); the
+        # repeat stays rectangular only with equal counts in the other groups
+        groups = {g for (g,) in cut.removed.get("kv", ())}
+        heads = {h for (h,) in cut.removed.get(self.key, ())}
+        for g in range(block.kv_heads):
+            if set(np.flatnonzero(block.groups == g).tolist()) <= heads:
+                groups.add(g)
+        heads = {h for h in heads if int(block.groups[h]) not in groups}
+        if groups:
+            cut.removed["kv"] = {(g,) for g in groups}
+        if not heads:
+            cut.removed.pop(self.key, None)
+            return
+        cut.removed[self.key] = {(h,) for h in heads}
+        counts = {g: sum(1 for h in heads if block.groups[h] == g)
+                  for g in range(block.kv_heads) if g not in groups}
+        if len(set(counts.values())) != 1:
+            detail = ", ".join(f"group {g}: {n}" for g, n in counts.items())
+            raise OnnxpruneError(f"{block.name}: a head cut of a grouped-query layer must "
+                                 f"remove the same number of query heads from every kept "
+                                 f"KV group ({detail})")
+
+    def site(self, analysis: Analysis, block: AttentionBlock) -> GateSite:
+        return GateSite(block.flow.sinks[0].input, head_of_rows(block), block.heads)
+
+    def mark(self, roles: LabelRoles, block: AttentionBlock, removed: set[Index]) -> None:
+        self.mark_heads(roles, block, {h for (h,) in removed})
+
+    def mark_heads(self, roles: LabelRoles, block: AttentionBlock, heads: set[int],
+                   groups_too: bool = False) -> None:
+        """Remove the Q columns, K/V copies and head tokens of ``heads``, and their K/V
+        columns unless they are shared with kept heads (grouped-query attention: only whole
+        groups, ``groups_too``, take their K/V columns)."""
+        roles.removed_heads |= heads
+        shared = block.grouped and not groups_too
+        for labels in (block.q_labels,) if shared else (block.q_labels, block.k_labels,
+                                                         block.v_labels):
+            for h in heads:
+                roles.removed.update(labels[h].tolist())
+        if block.grouped and split_heads(block):
+            for h in heads:
+                roles.removed.update(block.k_copies[h].tolist())
+                roles.removed.update(block.v_copies[h].tolist())
+            if groups_too:
+                roles.removed_heads |= {block.heads + int(block.groups[h]) for h in heads}
+        roles.removed.update(t for t, h in block.tokens.items() if h in heads)
 
     def cost(self, analysis: Analysis, block: AttentionBlock) -> float:
+        if block.grouped:   # the planner takes query heads by whole groups: a head's share
+            return group_cost(analysis, block) * block.kv_heads / block.heads
         return float(block.qk_dim * _qk_cost(analysis, block)
                      + block.vo_dim * _vo_cost(analysis, block))
 
@@ -111,8 +199,24 @@ class Head(UnitKind):
         site = self.site(analysis, block)
         return block.flow.sinks[0].node, site.index
 
+    def candidates(self, block: Block, scores: np.ndarray, cost: float) -> list[Candidate]:
+        """One per head; in a grouped-query block one per KV group (its query heads, index
+        g): heads inside a group are cut by name only, with equal counts per group."""
+        if not block.grouped:
+            return super().candidates(block, scores, cost)
+        values = np.asarray(scores)
+        out = []
+        for g in range(block.kv_heads):
+            heads = np.flatnonzero(block.groups == g)
+            out.append(Candidate(block.name, self, g,
+                                 [Unit(self, block.name, (int(h),)) for h in heads],
+                                 float(values[heads].sum()), cost * len(heads)))
+        return out
+
     def gain(self, cand: Candidate, block: AttentionBlock, taken: BlockBudget,
              costs: Mapping[str, float]) -> float:
+        if block.grouped:
+            return group_gain(cand, block, taken)
         if taken.count(self.key) + 1 >= block.heads:
             return 0.0
         in_head = sum(taken.slots.get(k.key, 0) * costs.get(k.key, 0.0) for k in kinds_of(block)
@@ -142,12 +246,21 @@ class _ChannelSlot(UnitKind):
         reason = super().refusal(block)
         if reason is None and not block.channel_prunable:
             return f"channels of {block.name} cannot be cut: {block.channel_reason}"
+        if reason is None and self.own_reason(block):
+            return f"{self.space} channels of {block.name} cannot be cut: " \
+                   f"{self.own_reason(block)}"
         return reason
 
     def limitation(self, block: Block) -> str | None:
         if block.prunable and not block.channel_prunable:
             return f"no QK/VO channel cuts: {block.channel_reason}"
+        if block.prunable and self.own_reason(block):
+            return f"no {self.space} channel cuts: {self.own_reason(block)}"
         return None
+
+    def own_reason(self, block: Block) -> str:
+        """Why this space alone cannot be cut ("" when it can)."""
+        return ""
 
     def labels(self, block: AttentionBlock) -> list[np.ndarray]:
         raise NotImplementedError
@@ -211,6 +324,9 @@ class QkChannel(_ChannelSlot):
     pattern = r"qk(\d+)\.(\d+)"
     space, dim = "QK", "qk_dim"
 
+    def own_reason(self, block: AttentionBlock) -> str:
+        return block.qk_reason
+
     def describe(self, block: AttentionBlock) -> dict:
         if not block.heads:
             return {}
@@ -258,6 +374,25 @@ class VoChannel(_ChannelSlot):
 
     def cost(self, analysis: Analysis, block: AttentionBlock) -> float:
         return float(_vo_cost(analysis, block))
+
+
+def group_cost(analysis: Analysis, block: AttentionBlock) -> float:
+    """Weights of one KV group of a grouped-query block: the Q columns and output rows of
+    its query heads, and its K and V columns."""
+    per_head = (block.qk_dim * projection_rows(analysis, block.q_proj)
+                + block.vo_dim * projection_cols(analysis, block.flow.sinks[0].node))
+    kv = (block.qk_dim * projection_rows(analysis, block.k_proj)
+          + block.vo_dim * projection_rows(analysis, block.v_proj))
+    return float(per_head * block.heads // block.kv_heads + kv)
+
+
+def group_gain(cand: Candidate, block: AttentionBlock, taken: BlockBudget) -> float:
+    """A KV group candidate (of the kv kind, or the head kind's per-group one) removes its
+    cost unless that group was taken or it is the last kept group."""
+    groups = taken.taken.get("head", set()) | taken.taken.get("kv", set())
+    if cand.index in groups or len(groups) + 1 >= block.kv_heads:
+        return 0.0
+    return cand.cost
 
 
 def _qk_cost(analysis: Analysis, block: AttentionBlock) -> int:

@@ -91,8 +91,8 @@ class FfnChannel(UnitKind):
             cut.remove_whole(block, "every channel")
 
     def cost(self, analysis: Analysis, block: FfnBlock) -> float:
-        return float(sum(projection_rows(analysis, n) for n in block.up_projs)
-                     + projection_cols(analysis, block.flow.sinks[0].node))
+        columns = len(block.up_labels) * projection_rows(analysis, block.up_projs[0])
+        return float(columns + projection_cols(analysis, block.flow.sinks[0].node))
 
     def columns(self, block: FfnBlock) -> np.ndarray:
         return block.up_labels.T

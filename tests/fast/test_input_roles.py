@@ -50,3 +50,28 @@ def test_synthesised_inputs_fit_their_roles():
     assert (synthesise(InputRole("token types", 2), (2, 3), np.int64, rng) == 0).all()
     values = synthesise(InputRole("values"), (1000,), np.float32, rng)
     assert values.dtype == np.float32 and 0.8 < values.std() < 1.2
+
+
+def test_data_free_calibration_uses_the_roles_and_says_so():
+    from onnxprune.data import load_or_synthesise
+
+    model = _embedding_model()
+    data = load_or_synthesise(model, None, samples=8, seed=0)
+    ids = data.inputs["input_ids"]
+    assert ids.shape == (8, 4) and ids.min() >= 0 and ids.max() < 50
+    assert len(np.unique(ids)) > 5                  # not all the padding row
+    assert (data.inputs["attention_mask"] == 1).all()
+    assert data.synthesised["input_ids"] == "token ids in [0, 50)"
+
+
+def test_ids_fused_into_ort_embed_layer_normalization_index_its_word_table():
+    b = Builder(0)
+    ids32 = b.op("Cast", ["input_ids"], "ids32", to=TensorProto.INT32)
+    b.op("EmbedLayerNormalization", [ids32, "", b.weight("words", 30, 8),
+                                     b.weight("positions", 16, 8), "", b.weight("g", 8),
+                                     b.weight("beta", 8)], ["out", "mask_index"],
+         domain="com.microsoft")
+    model = b.model({}, {"out": (1, 4, 8)}, domains={"com.microsoft": 1})
+    model.graph.input.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                           (1, 4)))
+    assert input_roles(model)["input_ids"] == InputRole("token ids", 30)

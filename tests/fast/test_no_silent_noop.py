@@ -33,7 +33,8 @@ def _attention_output_also_returned() -> onnx.ModelProto:
 
 def test_a_run_that_can_cut_nothing_is_refused_with_the_reason():
     with pytest.raises(OnnxpruneError, match=r"nothing to prune.*attn0 attention modules: "
-                                             r"attn0 cannot be removed whole"):
+                                             r"not removable whole: its output has several "
+                                             r"users"):
         onnxprune.prune(_attention_output_also_returned(), 0.3, granularity="module",
                         method="magnitude", samples=4)
 
@@ -79,3 +80,8 @@ def test_stat_scores_a_block_without_residual_add():
     channels = scores.array(block.name, "ch")
     assert channels.shape == (6,) and ((channels >= 0) & (channels <= 1)).all()
     assert scores.array(block.name, "ffn") is None          # not removable: not scored
+
+
+def test_stat_scores_a_block_whose_residual_is_a_graph_input():
+    _, report = onnxprune.prune(attention_model(), 0.3, method="stat", samples=4)
+    assert report.removed

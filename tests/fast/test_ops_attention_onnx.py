@@ -20,7 +20,7 @@ from opgraphs import (
 )
 
 import onnxprune
-from onnxprune.ops import attention_onnx, form_for, rule_for
+from onnxprune.ops import attention_ms, attention_onnx, form_for, rule_for
 from onnxprune.runtime import trace
 from onnxprune.structure.cost import node_flops
 from onnxprune.structure.discover import analyse
@@ -97,7 +97,8 @@ def test_keyed_at_opset_23_of_the_default_domain():
     assert isinstance(rule_for(node, {"": 23}), attention_onnx.OnnxAttention)
     assert isinstance(form_for(node, {"": 24}), attention_onnx.OnnxAttentionForm)
     assert rule_for(node, {"": 22}) is None and form_for(node, {"": 22}) is None
-    ms = gs.Node("Attention", "a", domain="com.microsoft")
-    assert rule_for(ms, {"": 23, "com.microsoft": 1}) is None
-    assert form_for(ms, {"": 23, "com.microsoft": 1}) is None
+    ms = gs.Node("Attention", "a", domain="com.microsoft")     # its own rule, never this one
+    assert isinstance(rule_for(ms, {"": 23, "com.microsoft": 1}), attention_ms.MicrosoftAttention)
+    assert isinstance(form_for(ms, {"": 23, "com.microsoft": 1}),
+                      attention_ms.MicrosoftAttentionForm)
 

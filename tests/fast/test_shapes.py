@@ -76,3 +76,14 @@ def test_doubled_batch_feeds_put_the_analysis_input_first():
     feeds = doubled_batch_feeds([X, FIXED], first, extra)
     assert feeds["x"].shape == (2, 2, 7) and feeds["x"][0].all() and not feeds["x"][1].any()
     assert feeds["m"] is first["m"] or np.array_equal(feeds["m"], first["m"])
+
+
+def test_a_named_dim_given_once_settles_every_input_that_uses_it():
+    from onnxprune.shapes import complete_shapes
+
+    ids = InputSpec("input_ids", np.int64, ("batch", "seq"))
+    mask = InputSpec("attention_mask", np.int64, ("batch", "seq"))
+    other = InputSpec("pixels", np.float32, ("batch", 3, "height"))
+    got = complete_shapes([ids, mask, other], {"input_ids": (2, 128)})
+    assert got == {"input_ids": (2, 128), "attention_mask": (2, 128)}
+    assert complete_shapes([ids, mask], None) is None
