@@ -32,7 +32,7 @@ from onnxprune.scores import (
     compute_scores,
     resolve_score,
 )
-from onnxprune.shapes import analysis_shapes, complete_shapes, input_specs
+from onnxprune.shapes import analysis_shapes, complete_shapes, fit_static, input_specs
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
 from onnxprune.units import Plan, Unit, make_plan, parse_units, unit_kind
@@ -84,7 +84,8 @@ def cut(model: ModelLike, units: Iterable[str | Unit], shapes: Shapes = None,
     if not plan.units:
         raise OnnxpruneError("no units to remove")
     pruned, check = cut_verified(analysis, plan)
-    params, flops = measure(pruned, analysis.structure.input_shapes)
+    params, flops = measure(pruned, fit_static(input_specs(pruned),
+                                               analysis.structure.input_shapes))
     s = analysis.structure
     return CutResult(pruned, plan, check, s.params, params, s.flops, flops)
 

@@ -10,6 +10,8 @@ the curvature of the distillation loss (:meth:`LossBatches.gradient_batches`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 
@@ -37,6 +39,10 @@ class LossBatches:
                  batch_size: int, threads: int, seed: int = 0):
         self.spec = spec
         self.seed = seed
+        # maps the calibration inputs to the inputs of the model now scored and evaluated
+        # (after a cut that shrank a key/value cache input: that input with the removed
+        # heads' entries deleted); None while they fit the model as they are
+        self.adapt: Callable[[Feeds], Feeds] | None = None
         session = make_session(model, threads=threads)
         self.batches: list[tuple[Feeds, Feeds]] = []
         self.raw_targets: list[Feeds] = []
@@ -49,22 +55,24 @@ class LossBatches:
             self.reference.append(outputs)
 
     def __call__(self) -> list[tuple[Feeds, Feeds]]:
-        return self.batches
+        if self.adapt is None:
+            return self.batches
+        return [(self.adapt(inputs), feeds) for inputs, feeds in self.batches]
 
     def gradient_batches(self) -> list[tuple[Feeds, Feeds]]:
         """The batches to differentiate: task targets as they are; for self-distillation,
         targets sampled from the original model's predictive distribution (seeded)."""
         if not self.spec.distill:
-            return self.batches
+            return self()
         rng = np.random.default_rng(self.seed)
         return [(inputs, sampled_targets(self.spec, reference, rng))
-                for (inputs, _), reference in zip(self.batches, self.reference)]
+                for (inputs, _), reference in zip(self(), self.reference)]
 
     def evaluate(self, model: onnx.ModelProto, threads: int = 0) -> tuple[float, Quality]:
         """Mean calibration loss and the quality figure of ``model``."""
         session = make_session(model, threads=threads)
         losses, outputs = [], []
-        for inputs, feeds in self.batches:
+        for inputs, feeds in self():
             out = run(session, inputs)
             losses.append(numpy_sample_loss(self.spec, out, feeds))
             outputs.append(out)

@@ -16,7 +16,7 @@ value that is differentiated, so ∂/∂(per-sample gate) is that sample's gradi
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,11 +59,13 @@ def looks_like_classifier(output: onnx.ValueInfoProto) -> bool:
 
 
 def choose_loss(model: onnx.ModelProto, targets: Mapping[str, np.ndarray],
-                requested: str | None = None) -> LossSpec:
-    """The loss for these targets (task) or none (self-distillation); ``requested`` wins."""
+                requested: str | None = None, skip: Iterable[str] = ()) -> LossSpec:
+    """The loss for these targets (task) or none (self-distillation); ``requested`` wins.
+    Outputs named in ``skip`` (key/value caches: state, not results) take no part."""
     if requested is not None and requested not in LOSSES:
         raise OnnxpruneError(f"--loss {requested!r}: choose one of {', '.join(LOSSES)}")
-    outputs = float_outputs(model)
+    skip = set(skip)
+    outputs = [o for o in float_outputs(model) if o.name not in skip]
     if not outputs:
         raise OnnxpruneError("the model has no floating-point output to compute a loss on")
     if targets:

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxprune.batches import LossBatches
+from onnxprune.batches import Feeds, LossBatches
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import Quality, choose_loss
 from onnxprune.plan import Exclusion, exclusions, prunable_total, select
 from onnxprune.scores import ImportanceScore, check_method, compute_scores, resolve_score
-from onnxprune.shapes import analysis_shapes, input_specs
+from onnxprune.shapes import analysis_shapes, fit_static, input_specs
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
-from onnxprune.units import Unit, UnitKind, kinds_of, make_plan
-from onnxprune.verify import Verification
+from onnxprune.units import Plan, Unit, UnitKind, kinds_of, make_plan
+from onnxprune.verify import Verification, cache_cuts
 
 Progress = Callable[[str, int, int], None]
 
@@ -95,6 +95,9 @@ class Report:
     seed: int = 0
     calibration: LossBatches | None = field(default=None, repr=False)   # to re-measure
     excluded: list[dict] = field(default_factory=list)   # kinds a block cannot be cut by
+    # key/value caches (past inputs, present outputs) -> their declared shape in the pruned
+    # model, so that a runtime can allocate them; empty for models without a cache
+    cache_shapes: dict[str, list] = field(default_factory=dict)
 
     @property
     def drop(self) -> float:
@@ -117,6 +120,7 @@ class Report:
             "steps": [{**vars(s), "units": [u.name for u in s.units]} for s in self.steps],
             "excluded": self.excluded,
             "scores": self.scores,
+            **({"cache_shapes": self.cache_shapes} if self.cache_shapes else {}),
         }
 
 
@@ -133,7 +137,8 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                              "attention and feed-forward blocks")
     excluded = exclusions(first, kinds)
     check_something_to_prune(first, kinds, excluded, opts.target)
-    spec = choose_loss(model, calib.targets, opts.loss)
+    caches = {out for b in first.structure.attention for out in b.cache.values()}
+    spec = choose_loss(model, calib.targets, opts.loss, skip=caches)
     data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed)
     loss_before, quality_before = data.evaluate(model, opts.threads)
     total = prunable_total(first, opts.target)
@@ -157,8 +162,10 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
         first_scores = first_scores or scores.units()
         chosen = select(analysis, scores, kinds, budget, target=opts.target,
                         round_to=opts.round_to)
-        current, check = cut_units(analysis, chosen.units)
-        analysis = analyse(current, opts.shapes)
+        plan = make_plan(chosen.units, analysis.structure)
+        current, check = cut_verified(analysis, plan)
+        data.adapt = cache_adapter(analysis, plan, data.adapt)
+        analysis = analyse(current, fit_static(input_specs(current), opts.shapes))
         records.append(StepRecord(step, chosen.units,
                                   1 - prunable_total(analysis, opts.target) / total,
                                   round(scores.seconds, 3), scores.fallbacks,
@@ -172,8 +179,17 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                     first.structure.params, analysis.structure.params, first.structure.flops,
                     analysis.structure.flops, loss_before, loss_after, quality_before,
                     quality_after, time.perf_counter() - start, units, records, first_scores,
-                    opts.seed, data, [e.to_json() for e in excluded])
+                    opts.seed, data, [e.to_json() for e in excluded],
+                    cache_shapes(current, first))
     return current, report
+
+
+def cache_shapes(model: onnx.ModelProto, analysis: Analysis) -> dict[str, list]:
+    """The declared shape (ints, and names for dynamic dims) of every key/value cache input
+    and output of ``model``, by name, for the caches ``analysis`` (of the original) found."""
+    names = {n for b in analysis.structure.attention for item in b.cache.items() for n in item}
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.input, *model.graph.output] if v.name in names}
 
 
 def check_something_to_prune(analysis: Analysis, kinds: set[UnitKind],
@@ -195,6 +211,23 @@ def check_removed_something(units: list[str], opts: PruneOptions) -> None:
     if not units:
         raise OnnxpruneError(f"removed nothing for --ratio {opts.ratio}: no step found units "
                              "to remove; nothing written")
+
+
+def cache_adapter(analysis: Analysis, plan: Plan,
+                  before: Callable[[Feeds], Feeds] | None) -> Callable[[Feeds], Feeds] | None:
+    """The map from calibration inputs to the cut model's inputs: ``before`` (the earlier
+    steps' map), then the removed heads' entries deleted from every key/value cache input
+    this plan shrinks; ``before`` itself when the plan shrinks none."""
+    pasts = {past for name in plan.cuts
+             for past in getattr(analysis.structure.block(name), "cache", {})}
+    cuts = {k: f for k, f in cache_cuts(analysis, plan).items() if k in pasts}
+    if not cuts:
+        return before
+
+    def adapt(feeds: Feeds) -> Feeds:
+        feeds = before(feeds) if before is not None else feeds
+        return {k: cuts[k](v) if k in cuts else v for k, v in feeds.items()}
+    return adapt
 
 
 def cut_units(analysis: Analysis, units: list[Unit]) -> tuple[onnx.ModelProto, Verification]:

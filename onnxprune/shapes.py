@@ -206,3 +206,20 @@ def format_dims(dims: tuple[int | str, ...] | None) -> str:
 def _check_rank(given: str, dims: tuple[int | str, ...], shape: tuple[int, ...]) -> None:
     if len(shape) != len(dims):
         raise OnnxpruneError(f"{given}, the model declares {format_dims(dims)}")
+
+
+def fit_static(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None
+               ) -> dict[str, tuple[int, ...]] | None:
+    """``shapes`` (of a model before a cut) fitted to ``specs`` (of the cut model): where a
+    cut shrank a static dim of an input (a key/value cache's head axis), the declared size
+    replaces the old one; every other entry stays."""
+    if shapes is None:
+        return None
+    dims = {spec.name: spec.dims for spec in specs}
+    out = {}
+    for name, shape in shapes.items():
+        want = dims.get(name)
+        if want is not None and len(want) == len(shape):
+            shape = tuple(w if isinstance(w, int) else s for s, w in zip(shape, want))
+        out[name] = tuple(shape)
+    return out

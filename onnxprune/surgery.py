@@ -26,40 +26,9 @@ from onnxprune.structure.axes import varies_along
 from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
 from onnxprune.structure.graph import fresh_name
-from onnxprune.units import BlockCut, LabelRoles, Plan, kinds_of, module_kind
+from onnxprune.units import LabelRoles, Plan, block_roles
+from onnxprune.units.removal import new_shape
 from onnxprune.verify import Verification, verify
-
-
-def block_roles(block: Block, cut: BlockCut) -> LabelRoles:
-    """The label ids the cut of ``block`` removes, as the unit kinds mark them."""
-    roles = module_kind(block).base_roles(block)
-    for kind in kinds_of(block):
-        if cut.indices(kind.key):
-            kind.mark(roles, block, cut.indices(kind.key))
-    return roles
-
-
-def new_shape(labels: np.ndarray, roles: LabelRoles, tensor: str) -> tuple[int, ...]:
-    """The shape a labelled tensor has after the cut.
-
-    Along an axis that carries heads only, a fibre keeps the positions of kept heads; along
-    one that carries channels, each fibre through a kept head keeps its kept channels. All
-    fibres must agree, or the cut tensor would not be rectangular.
-    """
-    head, chan, kept, head_kept = roles.arrays(labels)
-    shape = []
-    for axis, size in enumerate(labels.shape):
-        hv, cv = varies_along(head, axis), varies_along(chan, axis)
-        if not hv and not cv:
-            shape.append(size)
-            continue
-        counts = (kept if cv else head_kept).sum(axis=axis)
-        values = np.unique(counts[counts > 0] if cv else counts)
-        if len(values) != 1:
-            raise NotPrunableError(f"the cut would leave tensor {tensor!r} ragged along axis "
-                                   f"{axis} (here the Q, K and V widths are coupled)")
-        shape.append(int(values[0]))
-    return tuple(shape)
 
 
 class BlockSurgeon:
@@ -94,6 +63,11 @@ class BlockSurgeon:
         for name, labels in self.flow.labels.items():
             self.old[name] = labels.shape
             self.new[name] = new_shape(labels, self.roles, name)
+        for past, present in getattr(self.block, "cache", {}).items():
+            # a past cache shrinks as its present does (except along the sequence, where
+            # the two differ); read off the present, as a past of length 0 shows nothing
+            self.new[past] = tuple(p if po == pn else n for p, po, pn, n in zip(
+                self.old[past], self.old[present], self.new[present], self.new[present]))
         for seed in self.block.seeds:
             if self.view.is_projection(self.view.node[seed]):
                 self._slice_projection(seed)
@@ -108,9 +82,16 @@ class BlockSurgeon:
             require_rule(node, self.view.opset).fix(self, node)
         for name in self.flow.shape_reads:
             self._restore_shape_read(self.nodes[name])
+        outputs = {t.name for t in self.graph.outputs}
         for name in self.flow.labels:
             tensor = self.tensors.get(name)
-            if isinstance(tensor, gs.Variable) and tensor not in self.graph.inputs:
+            if not isinstance(tensor, gs.Variable):
+                continue
+            if tensor in self.graph.inputs or name in outputs:
+                # a key/value cache (past input, present output): its declared shape
+                # follows the cut, dynamic dims stay dynamic
+                tensor.shape = declared_shape(tensor.shape, self.old[name], self.new[name])
+            else:
                 tensor.shape = None
 
     # -- weights --------------------------------------------------------------------------
@@ -230,6 +211,15 @@ class BlockSurgeon:
                                         outputs=[out]))
 
 
+def declared_shape(declared, old: tuple[int, ...], new: tuple[int, ...]):
+    """A graph input's or output's declared shape after the cut: the fixed dims that the cut
+    shrinks get their new sizes; dynamic (named) dims stay as they are."""
+    if declared is None or old == new:
+        return declared
+    return [n if isinstance(d, int) and o != n else d
+            for d, o, n in zip(declared, old, new)]
+
+
 def remove_module(graph: gs.Graph, block: Block) -> None:
     """The residual add becomes its residual input; the module's subgraph dies."""
     add = next(n for n in graph.nodes if n.name == block.residual_add)
@@ -294,11 +284,34 @@ class CutPass(DerivePass):
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return apply_plan(self.analysis, self.plan)
 
+    def _caches(self) -> set[str]:
+        """The present (key/value cache) outputs of the blocks cut into."""
+        names: set[str] = set()
+        for name, cut in self.plan.cuts.items():
+            block = self.analysis.structure.block(name)
+            if not cut.whole and not cut.empty:
+                names |= set(getattr(block, "cache", {}).values())
+        return names
+
     def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
-        broken = outputs_changed(before, after)
+        broken = outputs_changed(_without_shapes(before, self._caches()),
+                                 _without_shapes(after, self._caches()))
         if not broken:
             self.verification = verify(self.analysis, self.plan, after)
         return broken
+
+
+def _without_shapes(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """``model`` with the declared shapes of outputs ``names`` cleared (the key/value
+    caches a cut shrinks), for comparing the graph outputs; ``model`` itself when none."""
+    if not names & {o.name for o in model.graph.output}:
+        return model
+    copy = onnx.ModelProto()
+    copy.graph.output.extend(model.graph.output)
+    for out in copy.graph.output:
+        if out.name in names:
+            out.type.tensor_type.ClearField("shape")
+    return copy
 
 
 def cut_verified(analysis: Analysis, plan: Plan) -> tuple[onnx.ModelProto, Verification]:

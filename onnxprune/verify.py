@@ -10,7 +10,9 @@ model whose weights are float16 (``keep_io_types``), computes in float16.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
@@ -21,7 +23,8 @@ from onnxprune.input_roles import input_roles
 from onnxprune.runtime import make_session, run, synthetic_feeds
 from onnxprune.shapes import input_specs, verification_shapes
 from onnxprune.structure.discover import Analysis
-from onnxprune.units import Plan
+from onnxprune.units import Plan, block_roles
+from onnxprune.units.removal import cut_cache
 
 
 @dataclass
@@ -101,8 +104,13 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
     feeds = synthetic_feeds(input_specs(analysis.model), shapes, seed=seed,
                             roles=input_roles(analysis.model))
     reference = run(make_session(gated.model), {**feeds, **gated.feeds(plan)})
+    caches = cache_cuts(analysis, plan)
+    cut_feeds = {name: caches[name](value) if name in caches else value
+                 for name, value in feeds.items()}
+    reference = {name: caches[name](value) if name in caches else value
+                 for name, value in reference.items()}
     try:
-        got = run(make_session(cut), feeds)
+        got = run(make_session(cut), cut_feeds)
     except Exception as exc:
         raise VerificationError(f"the cut model does not run: {exc}") from exc
     worst_abs, worst_rel = 0.0, 0.0
@@ -122,3 +130,25 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
         worst_rel = max(worst_rel, diff / scale if scale else 0.0)
     batch = next(iter(shapes.values()))[0] if shapes else None
     return Verification(worst_abs, worst_rel, len(reference), batch)
+
+
+def cache_cuts(analysis: Analysis, plan: Plan) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """For each key/value cache (past input, present output) of a block the plan cuts into:
+    the function that deletes the removed heads' (channels') entries from a value of the
+    original's shape. The cut model reads the past so cut; the gated original reads the
+    full past (the removed heads' entries present), and its present output, so cut, is what
+    the cut model must return."""
+    out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    for name, cut in plan.cuts.items():
+        block = analysis.structure.block(name)
+        cache = getattr(block, "cache", None)
+        if cut.empty or cut.whole or not cache or block.flow is None:
+            continue
+        roles = block_roles(block, cut)
+        for past, present in cache.items():
+            # the present's labels stand for the past's too (same heads and channels; a past
+            # of length 0 has no labels to read them from)
+            labels = block.flow.labels[present]
+            for tensor in (past, present):
+                out[tensor] = partial(cut_cache, labels=labels, roles=roles, name=tensor)
+    return out

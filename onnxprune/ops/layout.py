@@ -214,9 +214,42 @@ class Concat(OpRule):
     ops = frozenset({"Concat"})
 
     def propagate(self, engine: LabelEngine, node: gs.Node, flow: Flow) -> None:
-        parts = [flow.labels[t.name] if t.name in flow.labels
-                 else np.full(engine.shape(t.name), -1, np.int64) for t in node.inputs]
-        flow.labels[node.outputs[0].name] = np.concatenate(parts, axis=node.attrs["axis"])
+        axis = node.attrs["axis"]
+        cache = past_cache_input(engine.view, node, flow)
+        parts = []
+        for t in node.inputs:
+            if t.name in flow.labels:
+                parts.append(flow.labels[t.name])
+            elif cache is not None and t.name == cache[0][-1]:
+                # a key/value cache (past input) continues the new keys/values along the
+                # sequence axis: its entries belong to the same heads and channels; the
+                # past input itself and its copies on the way get the same labels
+                labels = np.take(flow.labels[cache[1]], [0], axis=axis)
+                labels = np.repeat(labels, engine.shape(t.name)[axis], axis=axis)
+                for name in cache[0]:
+                    flow.labels[name] = labels
+                parts.append(labels)
+            else:
+                parts.append(np.full(engine.shape(t.name), -1, np.int64))
+        flow.labels[node.outputs[0].name] = np.concatenate(parts, axis=axis)
 
     def fix(self, surgeon: Surgeon, node: gs.Node) -> None:
         """The output size follows from the (already cut) inputs."""
+
+
+def past_cache_input(view, node: gs.Node, flow: Flow) -> tuple[list[str], str] | None:
+    """([past input, its copies...], new keys/values) when ``node`` is the Concat of a
+    key/value cache: two inputs, the first a graph input (or an Identity / one-input Concat
+    copy of one) without labels (the past), the second labelled (the new keys or values)
+    with labels that do not vary along the concat axis (the sequence)."""
+    if node.op != "Concat" or len(node.inputs) != 2:
+        return None
+    past, new = node.inputs
+    chain = view.graph_input_behind(past.name)
+    if chain is None or any(n in flow.labels for n in chain) or new.name not in flow.labels:
+        return None
+    labels = flow.labels[new.name]
+    axis = node.attrs["axis"] % labels.ndim
+    if varies_along(labels, axis) or not np.any(labels >= 0):
+        return None
+    return chain, new.name

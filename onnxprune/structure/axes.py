@@ -73,6 +73,7 @@ class LabelPropagator:
             require_rule(node, self.view.opset).propagate(self, node, flow)
             flow.nodes.append(node.name)
         leaked = self.view.output_names & flow.labels.keys()
+        leaked -= set(cache_outputs(self.view, flow))
         if leaked:
             raise NotPrunableError(f"prunable axis reaches graph output {sorted(leaked)[0]!r}")
         return flow
@@ -86,3 +87,23 @@ class LabelPropagator:
         if node.op == "Size":
             raise NotPrunableError(f"Size node {node.name} reads a prunable tensor")
         return node.op == "Shape"
+
+
+def cache_outputs(view: GraphView, flow: Flow) -> dict[str, str]:
+    """Graph outputs that are key/value caches (present), each with its past input: the
+    output of a two-input Concat (possibly through Identity ops) whose first input is a past
+    graph input (or a copy of one, ``GraphView.graph_input_behind``) that the Concat rule
+    labelled as the continuation of the block's new keys or values
+    (``ops.layout.past_cache_input``). Only these labelled tensors may reach a graph
+    output."""
+    found = {}
+    for name in view.output_names & flow.labels.keys():
+        node = view.producer.get(name)
+        while node is not None and node.op == "Identity":
+            node = view.producer.get(node.inputs[0].name)
+        if node is None or node.op != "Concat" or len(node.inputs) != 2:
+            continue
+        chain = view.graph_input_behind(node.inputs[0].name)
+        if chain is not None and all(n in flow.labels for n in chain):
+            found[name] = chain[0]
+    return found

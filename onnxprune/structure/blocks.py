@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.errors import NotPrunableError
 from onnxprune.ops import AttentionAnchors, form_for
 from onnxprune.ops.skip_layernorm import is_skip_layernorm, skip_residual
-from onnxprune.structure.axes import Flow, LabelPropagator, column_labels
+from onnxprune.structure.axes import Flow, LabelPropagator, cache_outputs, column_labels
 from onnxprune.structure.cost import const_size, node_flops
 from onnxprune.structure.graph import ELEMENTWISE, LAYOUT, NONLINEAR, GraphView
 
@@ -68,6 +68,8 @@ class AttentionBlock(Block):
     groups: np.ndarray | None = None            # [H]: query head -> its key/value group
     k_copies: np.ndarray | None = None          # grouped, repeated by Expand: [H, qk_dim]
     v_copies: np.ndarray | None = None          # labels of each query head's K/V copy
+    # key/value cache: past graph input -> present graph output (empty without a cache)
+    cache: dict[str, str] = field(default_factory=dict)
 
     @property
     def grouped(self) -> bool:
@@ -158,6 +160,9 @@ class BlockFinder:
         def follow(node: gs.Node) -> list[str]:
             if self.view.is_projection(node):
                 return []
+            if node.op == "Concat" and len(node.inputs) == 2 \
+                    and self.view.graph_input_behind(node.inputs[0].name) is not None:
+                return [node.inputs[1].name]   # Concat(past cache, new keys/values)
             if node.op in LAYOUT:
                 return [node.inputs[0].name]
             if node.op in ELEMENTWISE:
@@ -269,6 +274,8 @@ class BlockFinder:
             block.prunable, block.reason, block.flow = False, str(exc), None
             self._cost(block, [qk.name, av.name])
             return block
+        block.cache = {past: present for present, past in
+                       sorted(cache_outputs(self.view, block.flow).items())}
         inputs = [self.view.node[p].inputs[0].name for p in block.seeds]
         self.residual_of(block, block.o_proj, inputs)
         self._cost(block, [])

@@ -75,6 +75,20 @@ class GraphView:
         self.output_names = {t.name for t in graph.outputs}
         self.opsets = graph_opsets(graph)
 
+    def graph_input_behind(self, name: str) -> list[str] | None:
+        """The graph input a tensor holds unchanged (through Identity and one-input Concat
+        nodes, as exporters copy a past key/value cache), with the copies on the way:
+        [input, copy, ..., name]; None when ``name`` is not such a copy of a graph input."""
+        chain = [name]
+        for _ in range(8):
+            if chain[0] in {t.name for t in self.graph.inputs}:
+                return chain
+            node = self.producer.get(chain[0])
+            if node is None or node.op not in ("Identity", "Concat") or len(node.inputs) != 1:
+                return None
+            chain.insert(0, node.inputs[0].name)
+        return None
+
     def opset(self, domain: str | None) -> int | None:
         """The opset version the model imports for ``domain`` (None, "" and "ai.onnx" are
         the default domain); None when the model does not import it."""

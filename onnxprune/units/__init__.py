@@ -20,8 +20,8 @@ from onnxprune.units.base import (
     unit_kind,
     unit_kinds,
 )
-from onnxprune.units.removal import BlockCut, Plan, make_plan, parse_units
+from onnxprune.units.removal import BlockCut, Plan, block_roles, make_plan, parse_units
 
 __all__ = ["BlockBudget", "BlockCut", "Candidate", "GateSite", "LabelRoles", "Plan", "Unit",
-           "UnitKind", "granularity_kinds", "kinds_of", "make_plan", "module_kind",
+           "UnitKind", "block_roles", "granularity_kinds", "kinds_of", "make_plan", "module_kind",
            "parse_unit", "parse_units", "register_kind", "unit_kind", "unit_kinds"]

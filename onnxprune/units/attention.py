@@ -119,7 +119,13 @@ class Head(UnitKind):
         return (block.heads,)
 
     def describe(self, block: AttentionBlock) -> dict:
-        return {"heads": block.heads} if block.heads else {}
+        if not block.heads:
+            return {}
+        if not block.cache:
+            return {"heads": block.heads}
+        # a decoder's key/value cache: the past inputs and present outputs a head cut shrinks
+        return {"heads": block.heads, "cache": {"past": list(block.cache),
+                                                "present": list(block.cache.values())}}
 
     def refusal(self, block: Block) -> str | None:
         reason = super().refusal(block)

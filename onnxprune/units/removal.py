@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from onnxprune.errors import OnnxpruneError
+import numpy as np
+
+from onnxprune.errors import NotPrunableError, OnnxpruneError
 from onnxprune.structure.blocks import Block, Structure
-from onnxprune.units.base import Index, Unit, kinds_of, parse_unit
+from onnxprune.structure.labels import varies_along
+from onnxprune.units.base import Index, LabelRoles, Unit, kinds_of, module_kind, parse_unit
 
 
 @dataclass
@@ -81,3 +84,54 @@ def parse_units(names: Iterable[str], structure: Structure) -> Plan:
     """A plan from printed unit names (``--remove``, the API's string form)."""
     blocks = {b.name: b for b in structure.blocks}
     return make_plan([parse_unit(n.strip(), blocks) for n in names if n.strip()], structure)
+
+
+def block_roles(block: Block, cut: BlockCut) -> LabelRoles:
+    """The label ids the cut of ``block`` removes, as the unit kinds mark them."""
+    roles = module_kind(block).base_roles(block)
+    for kind in kinds_of(block):
+        if cut.indices(kind.key):
+            kind.mark(roles, block, cut.indices(kind.key))
+    return roles
+
+
+def new_shape(labels: np.ndarray, roles: LabelRoles, tensor: str) -> tuple[int, ...]:
+    """The shape a labelled tensor has after the cut.
+
+    Along an axis that carries heads only, a fibre keeps the positions of kept heads; along
+    one that carries channels, each fibre through a kept head keeps its kept channels. All
+    fibres must agree, or the cut tensor would not be rectangular.
+    """
+    head, chan, kept, head_kept = roles.arrays(labels)
+    shape = []
+    for axis, size in enumerate(labels.shape):
+        hv, cv = varies_along(head, axis), varies_along(chan, axis)
+        if not hv and not cv:
+            shape.append(size)
+            continue
+        counts = (kept if cv else head_kept).sum(axis=axis)
+        values = np.unique(counts[counts > 0] if cv else counts)
+        if len(values) != 1:
+            raise NotPrunableError(f"the cut would leave tensor {tensor!r} ragged along axis "
+                                   f"{axis} (here the Q, K and V widths are coupled)")
+        shape.append(int(values[0]))
+    return tuple(shape)
+
+
+def cut_cache(value: np.ndarray, labels: np.ndarray, roles: LabelRoles, name: str
+              ) -> np.ndarray:
+    """A key/value cache tensor (past input or present output) of the original model, with
+    the entries of the removed heads/channels deleted: what the cut model reads or returns.
+    ``labels`` are the cache's labels (traced shape): they vary along the head and channel
+    axes only, so ``value`` may differ from the traced shape along the others."""
+    vary = [a for a in range(labels.ndim) if varies_along(labels, a)]
+    if not vary:
+        return value
+    new = new_shape(labels, roles, name)
+    mask = roles.keep(labels)[tuple(slice(None) if a in vary else 0
+                                    for a in range(labels.ndim))]
+    last = list(range(-len(vary), 0))
+    moved = np.moveaxis(value, vary, last)
+    rest = moved.shape[:-len(vary)]
+    kept = moved.reshape(*rest, mask.size)[..., mask.ravel()]
+    return np.moveaxis(kept.reshape(*rest, *[new[a] for a in vary]), last, vary)
