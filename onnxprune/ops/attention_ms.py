@@ -114,9 +114,7 @@ def _check_supported(engine: LabelEngine, node: gs.Node) -> None:
     if any(t.name for t in node.inputs[4:]):
         raise NotPrunableError(f"Attention node {node.name}: past state, attention bias or "
                                "past sequence length inputs are not supported")
-    used = [o.name for o in node.outputs[1:] if o.name and (
-        engine.view.consumers.get(o.name) or o.name in engine.view.output_names)]
-    if used:
+    if any(engine.view.is_read(o.name) for o in node.outputs[1:]):
         raise NotPrunableError(f"Attention node {node.name}: its present-state output is used")
     if node.attrs.get("do_rotary", 0):
         raise NotPrunableError(f"Attention node {node.name}: rotary embedding")
@@ -192,9 +190,7 @@ def _mha_inputs_supported(engine: LabelEngine, node: gs.Node) -> None:
     if any(t.name for t in node.inputs[6:]):
         raise NotPrunableError(f"MultiHeadAttention node {node.name}: past key/value inputs "
                                "are not supported")
-    used = [o.name for o in node.outputs[1:] if o.name and (
-        engine.view.consumers.get(o.name) or o.name in engine.view.output_names)]
-    if used:
+    if any(engine.view.is_read(o.name) for o in node.outputs[1:]):
         raise NotPrunableError(f"MultiHeadAttention node {node.name}: present key/value "
                                "outputs are used")
 

@@ -93,9 +93,7 @@ def _check_supported(engine: LabelEngine, node: gs.Node, flow: Flow,
     if extra or any(t.name in flow.labels for t in node.inputs[3:4]):
         raise NotPrunableError(f"Attention node {node.name}: past key/value inputs are "
                                "not supported")
-    used = [o.name for o in node.outputs[1:] if engine.view.consumers.get(o.name)
-            or o.name in engine.view.output_names]
-    if used:
+    if any(engine.view.is_read(o.name) for o in node.outputs[1:]):
         raise NotPrunableError(f"Attention node {node.name}: extra outputs are used")
 
 

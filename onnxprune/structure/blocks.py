@@ -181,18 +181,14 @@ class BlockFinder:
                 block.reason = "its output has several users"
                 return
             node = users[0]
-            fused = skip_residual(node, tensor)
-            if fused is not None:  # com.microsoft SkipLayerNormalization: add inside the op
-                if fused in self._upstream(inputs):
-                    block.module_output, block.residual_add = tensor, node.name
-                    block.removable = True
-                else:
-                    block.reason = "the add after it is not a residual connection"
-                return
             others = [t for t in self.view.data_inputs(node) if t.name != tensor] \
                 if node.op in ELEMENTWISE else []
-            if node.op == "Add" and others:
+            # the residual: the other summand of an Add, or the add inside com.microsoft
+            # SkipLayerNormalization
+            residual = skip_residual(node, tensor)
+            if residual is None and node.op == "Add" and others:
                 residual = others[0].name
+            if residual is not None:
                 if residual in self._upstream(inputs):
                     block.module_output, block.residual_add = tensor, node.name
                     block.removable = True

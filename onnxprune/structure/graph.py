@@ -135,6 +135,10 @@ class GraphView:
             return None
         return 1, value
 
+    def is_read(self, name: str) -> bool:
+        """Whether tensor ``name`` is used: read by a node or a graph output."""
+        return bool(name) and (bool(self.consumers.get(name)) or name in self.output_names)
+
     def is_projection(self, node: gs.Node) -> bool:
         return self.weight_of(node) is not None
 
@@ -183,9 +187,16 @@ def fresh_name(taken: set[str], name: str) -> str:
 def effective_weight(view: GraphView, node: str) -> np.ndarray:
     """The [K, N] matrix a MatMul/Gemm projection (or a fused op's packed weight, its
     second input) multiplies by."""
+    return _stored_weight(view, node).astype(np.float64)
+
+
+def weight_shape(view: GraphView, node: str) -> tuple[int, int]:
+    """(K, N) of ``effective_weight``, without converting the weight."""
+    return tuple(_stored_weight(view, node).shape)
+
+
+def _stored_weight(view: GraphView, node: str) -> np.ndarray:
     n = view.node[node]
     found = view.weight_of(n)
     _, value = found if found is not None else (1, view.const(n.inputs[1]))
-    if n.op == "Gemm" and n.attrs.get("transB", 0):
-        value = value.T
-    return value.astype(np.float64)
+    return value.T if n.op == "Gemm" and n.attrs.get("transB", 0) else value

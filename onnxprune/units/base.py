@@ -18,7 +18,7 @@ import numpy as np
 
 from onnxprune.errors import OnnxpruneError
 from onnxprune.structure.blocks import Block
-from onnxprune.structure.graph import effective_weight
+from onnxprune.structure.graph import weight_shape
 
 if TYPE_CHECKING:
     from onnxprune.structure.discover import Analysis
@@ -336,8 +336,8 @@ def parse_unit(name: str, blocks: Mapping[str, Block]) -> Unit:
 
 def projection_rows(analysis: Analysis, node: str) -> int:
     """Rows (input features) of a projection's effective [K, N] weight."""
-    return effective_weight(analysis.view, node).shape[0]
+    return weight_shape(analysis.view, node)[0]
 
 
 def projection_cols(analysis: Analysis, node: str) -> int:
-    return effective_weight(analysis.view, node).shape[1]
+    return weight_shape(analysis.view, node)[1]
