@@ -35,7 +35,7 @@ from onnxprune.shapes import doubled_batch_feeds, input_specs
 from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
 from onnxprune.structure.graph import fresh_name
-from onnxprune.units import BlockCut, Plan, UnitKind, kinds_of, unit_kinds
+from onnxprune.units import BlockCut, GateSite, Plan, UnitKind, kinds_of, unit_kinds
 
 
 @dataclass(frozen=True)
@@ -230,11 +230,24 @@ class Gater:
             self.multiply(tensor, gate, "gated")
             return
         site = kind.site(self.analysis, block)
+        if site.weights:
+            self.weights(block, kind, site)
+            return
         gate, axis = self.add_input(block.name, kind.gate, site.size,
                                     self.dtype_of(site.tensor), site.width, site.tensor, kind)
         rank = len(np.shape(self.analysis.trace[site.tensor]))
         self.multiply(site.tensor, self.expand(gate, site.index, kind.gate, axis, rank),
                       f"{kind.gate}_gated")
+
+    def weights(self, block: Block, kind: UnitKind, site: GateSite) -> None:
+        """A gate on the columns of a fused op's constant weight and bias (one for the whole
+        batch: the op's inside has no per-sample axis to gate)."""
+        dtype = self.analysis.view.const(site.weights[0]).dtype.type
+        gate, _ = self.add_input(block.name, kind.gate, site.size, dtype, site.width,
+                                 unit=kind)
+        factor = self.expand(gate, site.index, kind.gate)
+        for name in site.weights:
+            self.multiply(name, factor, f"{kind.gate}_gated")
 
     def send(self, block: Block) -> None:
         """A whole-tensor gate on the softmax output (SEND's score connections)."""

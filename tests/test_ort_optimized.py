@@ -169,11 +169,31 @@ def test_module_removal_through_skip_layernorm(exported, level):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
-def test_qk_channel_cut_is_refused(exported):
-    _, paths = exported
-    units = [f"attn0.qk{h}.1" for h in range(HEADS)]
-    with pytest.raises(onnxprune.OnnxpruneError, match="QK channel cuts of a packed"):
-        onnxprune.cut(paths[2], units, SHAPES)
+@pytest.mark.parametrize("level", [1, 2])
+def test_qk_channel_cut_inside_the_packed_op_matches_the_zeroed_torch_model(exported, level):
+    """QK channels of a packed com.microsoft Attention: the op's qkv_hidden_sizes shrink
+    for Q and K, and the oracle is the torch model with those query rows (and biases)
+    zeroed, which removes the same q·k terms."""
+    model, paths = exported
+    dh = D // HEADS
+    channels = [(0, 1), (1, 3), (2, 0), (3, 5)]          # one per head: equal widths
+    result = onnxprune.cut(paths[level], [f"attn0.qk{h}.{c}" for h, c in channels], SHAPES)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in result.model.graph.node if n.op_type == "Attention"]
+    assert attrs[0]["qkv_hidden_sizes"] == [D - HEADS, D - HEADS, D]
+    assert attrs[0]["scale"] == pytest.approx(dh ** -0.5)
+    feeds = _feeds()
+    got = run(make_session(result.model), feeds)["y"]
+    rows = [h * dh + c for h, c in channels]
+    query = model.m.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        saved = query.weight.clone(), query.bias.clone()
+        query.weight[rows] = 0
+        query.bias[rows] = 0
+        want = _zeroed_torch(model, {}, {}, [], feeds)
+        query.weight.copy_(saved[0])
+        query.bias.copy_(saved[1])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("level", [1, 2])

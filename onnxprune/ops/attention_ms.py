@@ -146,14 +146,6 @@ class MicrosoftAttention(OpRule):
             node.inputs[packed.bias] = surgeon.const(f"{node.inputs[packed.bias].name}_pruned",
                                                      bias[keep])
         nq, nk, _ = packed.sizes
-        kept_heads = np.ones(packed.heads, bool)
-        kept_heads[list(surgeon.roles.removed_heads)] = False
-        if not keep[:nq + nk].reshape(2 * packed.heads, -1)[np.tile(kept_heads, 2)].all():
-            # the Q columns are inside the op, so no gate can zero them alone (the gate on
-            # the packed weight would leave its bias): such a cut could not be verified
-            raise NotPrunableError(f"Attention node {node.name}: QK channel cuts of a packed "
-                                   "com.microsoft Attention are not supported (heads and VO "
-                                   "channels are)")
         parts = np.split(keep, [nq, nq + nk])
         kept = [int(p.sum()) for p in parts]
         heads = packed.heads - len(surgeon.roles.removed_heads)

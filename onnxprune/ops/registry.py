@@ -134,6 +134,11 @@ class OpRule(_Keyed):
         """FLOPs of ``node`` at the traced shapes (its first output is traced)."""
         return 0
 
+    def caches(self, node: gs.Node) -> dict[int, int]:
+        """A fused attention op that keeps a key/value cache: output index of each present
+        cache -> input index of its past (empty for every other op)."""
+        return {}
+
 
 class AttentionAnchors(NamedTuple):
     """Where an attention block's contractions are (the same node for a fused op)."""
@@ -153,6 +158,11 @@ class AttentionForm(_Keyed):
         """The contractions and q/k/v inputs of the attention at ``node``, or None when
         ``node`` is not one (a softmax elsewhere, say)."""
         raise NotImplementedError
+
+    def channel_limit(self, view: GraphView, node: gs.Node) -> str | None:
+        """Why the QK/VO channels of the attention at ``node`` cannot be cut whatever the
+        graph around it (a fused op with one head size for all three, say); None: they can."""
+        return None
 
 
 _RULES: dict[tuple[str, str], list[OpRule]] = {}

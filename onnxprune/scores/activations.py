@@ -138,7 +138,13 @@ def _value_output(acc: StatAccumulator, block: Block, kind: UnitKind,
 def _query_size(acc: StatAccumulator, block: Block, kind: UnitKind,
                 values: Values) -> np.ndarray:
     site = kind.site(acc.analysis, block)
-    q = np.abs(_rows(values[site.tensor])).sum(axis=0)
+    q = _rows(values[site.tensor])
+    if site.weights:   # the query is inside a fused op: project its input here
+        view = acc.analysis.view
+        q = q @ view.const(site.weights[0]).astype(np.float64)
+        if len(site.weights) > 1:
+            q += view.const(site.weights[1]).astype(np.float64)
+    q = np.abs(q).sum(axis=0)
     qk = np.zeros(site.size + 1)
     np.add.at(qk, np.where(site.index < 0, site.size, site.index), q)
     return qk[:site.size].reshape(kind.shape(block))

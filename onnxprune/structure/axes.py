@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.errors import NotPrunableError
-from onnxprune.ops import require_rule
+from onnxprune.ops import require_rule, rule_for
 from onnxprune.structure.graph import GraphView, node_domain
 from onnxprune.structure.labels import (
     TOKEN_BASE,
@@ -101,9 +101,26 @@ def cache_outputs(view: GraphView, flow: Flow) -> dict[str, str]:
         node = view.producer.get(name)
         while node is not None and node.op == "Identity":
             node = view.producer.get(node.inputs[0].name)
+        fused = _fused_past(view, node, name, flow) if node is not None else None
+        if fused is not None:
+            found[name] = fused
+            continue
         if node is None or node.op != "Concat" or len(node.inputs) != 2:
             continue
         chain = view.graph_input_behind(node.inputs[0].name)
         if chain is not None and all(n in flow.labels for n in chain):
             found[name] = chain[0]
     return found
+
+
+def _fused_past(view: GraphView, node: gs.Node, present: str, flow: Flow) -> str | None:
+    """The past graph input of ``present``, an output of a fused attention op that keeps a
+    key/value cache (``OpRule.caches``) and labelled its past; None for any other node."""
+    rule = rule_for(node, view.opset)
+    outputs = [t.name for t in node.outputs]
+    for out, past in (rule.caches(node) if rule else {}).items():
+        if out < len(outputs) and outputs[out] == present and past < len(node.inputs) \
+                and node.inputs[past].name in flow.labels:
+            chain = view.graph_input_behind(node.inputs[past].name)
+            return chain[0] if chain else None
+    return None

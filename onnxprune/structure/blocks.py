@@ -266,6 +266,9 @@ class BlockFinder:
         try:
             block.flow = self._propagate(block.seeds)
             self._attention_heads(block, qk.name, av.name)
+            limit = form.channel_limit(self.view, anchor)
+            if limit and block.channel_prunable:
+                block.channel_prunable, block.channel_reason = False, limit
         except NotPrunableError as exc:
             block.prunable, block.reason, block.flow = False, str(exc), None
             self._cost(block, [qk.name, av.name])

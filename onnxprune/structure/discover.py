@@ -38,6 +38,7 @@ def analyse(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None
     work = onnx.ModelProto()
     work.CopyFrom(model)
     unique_node_names(work)
+    drop_io_value_info(work)
     specs = input_specs(work)
     unknown = set(shapes or {}) - {s.name for s in specs}
     if unknown:
@@ -51,3 +52,14 @@ def analyse(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]] | None
                           {k: tuple(np.shape(v)) for k, v in feeds.items()})
     defaults = [s.name for s in specs if s.is_dynamic and s.name not in (shapes or {})]
     return Analysis(work, view, values, structure, defaults)
+
+
+def drop_io_value_info(model: onnx.ModelProto) -> None:
+    """Remove value_info entries of graph inputs and outputs: they repeat the declaration,
+    and where one has less (ONNX Runtime's float16 converter leaves a shapeless one for the
+    output) graphsurgeon would take it over the graph's own declared shape."""
+    io = {v.name for v in (*model.graph.input, *model.graph.output)}
+    kept = [v for v in model.graph.value_info if v.name not in io]
+    if len(kept) != len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)

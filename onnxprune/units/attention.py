@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.ops import form_for
 from onnxprune.structure.blocks import AttentionBlock, Block
 from onnxprune.structure.graph import ELEMENTWISE
 from onnxprune.units.base import (
@@ -342,14 +343,26 @@ class QkChannel(_ChannelSlot):
         return [block.q_labels, block.k_labels]
 
     def site(self, analysis: Analysis, block: AttentionBlock) -> GateSite:
-        """The query projection's output after its bias; column c reads entry h·d + c."""
+        """The query projection's output after its bias; column c reads entry h·d + c. A
+        fused op with its Q/K/V projection packed inside: the packed weight's and bias's
+        columns (``GateSite.weights``)."""
+        q_pos = {int(q): h * block.qk_dim + d for h, row in enumerate(block.q_labels)
+                 for d, q in enumerate(row)}
+        size = block.heads * block.qk_dim
+        packed = packed_projection(analysis, block)
+        if packed is not None:
+            cols = block.seeds[block.q_proj] + np.arange(packed.width, dtype=np.int64)
+            index = np.array([q_pos.get(int(c), -1) for c in cols])
+            node = packed.node
+            weights = [node.inputs[packed.weight].name]
+            if packed.bias is not None:
+                weights.append(node.inputs[packed.bias].name)
+            return GateSite(node.inputs[0].name, index, size, block.qk_dim, tuple(weights))
         tensor = _after_elementwise(analysis, block.q_proj, block)
         labels = block.flow.labels[tensor]
         cols = labels.reshape(-1, np.shape(labels)[-1])[0]
-        q_pos = {int(q): h * block.qk_dim + d for h, row in enumerate(block.q_labels)
-                 for d, q in enumerate(row)}
         index = np.array([q_pos.get(int(c), -1) for c in cols])
-        return GateSite(tensor, index, block.heads * block.qk_dim, block.qk_dim)
+        return GateSite(tensor, index, size, block.qk_dim)
 
     def cost(self, analysis: Analysis, block: AttentionBlock) -> float:
         return float(_qk_cost(analysis, block))
@@ -410,6 +423,14 @@ def _vo_cost(analysis: Analysis, block: AttentionBlock) -> int:
     """Weights of one VO channel: a value column and an output-projection row."""
     return (projection_rows(analysis, block.v_proj)
             + projection_cols(analysis, block.flow.sinks[0].node))
+
+
+def packed_projection(analysis: Analysis, block: AttentionBlock):
+    """The packed Q/K/V projection inside a fused attention op (``PackedQKV``), or None."""
+    node = analysis.view.node[block.q_proj]
+    form = form_for(node, analysis.view.opset)
+    packed = getattr(form, "packed", None)
+    return packed(analysis.view, node) if packed is not None else None
 
 
 def _after_elementwise(analysis: Analysis, projection: str, block: AttentionBlock) -> str:

@@ -50,12 +50,17 @@ class Unit:
 @dataclass(frozen=True)
 class GateSite:
     """Where a vector gate goes: the tensor whose last axis it scales, and per column the
-    gate entry it reads (-1: none). ``size`` entries, ``width`` channels per head."""
+    gate entry it reads (-1: none). ``size`` entries, ``width`` channels per head.
+
+    A fused op that projects inside itself (com.microsoft Attention's packed Q/K/V) has no
+    such tensor: then ``weights`` names its constant weight and bias, whose last axis the gate
+    scales instead (x·(W·g) + b·g = (x·W + b)·g), and ``tensor`` is the op's input x."""
 
     tensor: str
     index: np.ndarray = field(compare=False)
     size: int
     width: int = 0
+    weights: tuple[str, ...] = ()
 
 
 @dataclass

@@ -65,7 +65,8 @@ class Builder:
             self.inits)
         # shape inference does not type the outputs of contrib or custom ops: declare them
         graph.value_info.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
-                                for n in self.nodes if n.domain for o in n.output)
+                                for n in self.nodes if n.domain for o in n.output
+                                if o not in outputs)
         imports = [helper.make_opsetid("", opset)]
         imports += [helper.make_opsetid(d, v) for d, v in (domains or {}).items()]
         model = helper.make_model(graph, opset_imports=imports, functions=self.functions)

@@ -5,6 +5,7 @@ axis, past inputs [B, H, P, d] and present outputs as graph outputs."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from opgraphs import (
     BATCH,
@@ -114,3 +115,15 @@ def test_channel_cuts_shrink_the_cache_channel_axis():
     ins = {i.name: _dims(i) for i in result.model.graph.input}
     assert ins["past_k"] == ins["past_v"] == [BATCH, HEADS, "past", HEAD_DIM - 1]
     assert result.verification.max_abs_diff < 1e-4
+
+
+def test_cli_scores_with_an_empty_past(tmp_path):
+    """``--shape past_k:B,H,0,d``: data-free scoring with a past of length 0 (a prefill)."""
+    from onnxprune.cli import main
+    src, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(kv_cache_model(), src)
+    shapes = [a for n in ("past_k", "past_v")
+              for a in ("--shape", f"{n}:{BATCH},{HEADS},0,{HEAD_DIM}")]
+    assert main([str(src), str(out), "--ratio", "0.3", "--samples", "4", "--quiet",
+                 *shapes]) == 0
+    assert out.exists()

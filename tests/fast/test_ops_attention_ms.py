@@ -23,12 +23,14 @@ from opgraphs import (
 )
 
 import onnxprune
+import onnxprune.gates
 from onnxprune.errors import OnnxpruneError
 from onnxprune.ops import attention_ms, form_for, rule_for, skip_layernorm
 from onnxprune.runtime import trace
 from onnxprune.structure.cost import node_flops
 from onnxprune.structure.discover import analyse
 from onnxprune.structure.graph import GraphView
+from onnxprune.units import unit_kind
 
 MS = "com.microsoft"
 
@@ -122,10 +124,24 @@ def test_unequal_qkv_hidden_sizes_are_read_and_kept():
     assert _attrs(result.model)["qkv_hidden_sizes"] == [HEAD_DIM, HEAD_DIM, 2 * HEAD_DIM]
 
 
-def test_qk_channel_cut_is_refused_by_name():
-    model = ms_attention_model(True)
-    with pytest.raises(OnnxpruneError, match="QK channel cuts of a packed"):
-        onnxprune.cut(model, ["attn0.qk0.1", "attn0.qk1.1"])
+@pytest.mark.parametrize("sln", [False, True])
+def test_qk_channel_cut_inside_the_packed_weight(sln):
+    """The QK gate scales the packed weight's and bias's query columns (there is no query
+    tensor outside the op); the cut shrinks Q and K in qkv_hidden_sizes and freezes the
+    1/sqrt(d) scale. Oracle: the query columns (weight and bias) zeroed."""
+    model = ms_attention_model(sln)
+    result = onnxprune.cut(model, ["attn0.qk0.1", "attn0.qk1.3"])
+    columns = [1, HEAD_DIM + 3]
+    assert_cut_matches(result, zeroed(model, {"qkv.W": (1, columns), "qkv.b": (0, columns)}))
+    attrs = _attrs(result.model)
+    assert attrs["qkv_hidden_sizes"] == [WIDTH - 2, WIDTH - 2, WIDTH]
+    assert attrs["scale"] == pytest.approx(HEAD_DIM ** -0.5)
+
+
+def test_qk_gate_on_the_packed_weight_is_one_vector():
+    [gate] = onnxprune.gates.gate_model(analyse(ms_attention_model()),
+                                        [unit_kind("qk")]).gates
+    assert (gate.size, gate.width, gate.batch_dim) == (WIDTH, HEAD_DIM, None)
 
 
 @pytest.mark.parametrize("sln", [False, True])
