@@ -43,11 +43,11 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
         if not sep or not name:
             raise ValueError
         shape = tuple(int(d) for d in dims.split(","))
-        if any(d <= 0 for d in shape):
+        if any(d < 0 for d in shape):   # 0: an empty key/value cache (past length 0)
             raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected NAME:D0,D1,... with positive dims, e.g. x:1,336,7") from None
+            f"{text!r}: expected NAME:D0,D1,... with dims >= 0, e.g. x:1,336,7") from None
     return name, shape
 
 

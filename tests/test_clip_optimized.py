@@ -147,3 +147,16 @@ def test_whole_modules_and_main_job(exported, kind):
         assert report.params_after <= 0.55 * report.params_before + \
             (report.params_before - sum(b.params for b in onnxprune.inspect(
                 paths[form]).structure.blocks))
+
+
+@pytest.mark.parametrize("kind", ["text", "vision"])
+def test_main_job_with_a_calibration_file(exported, kind, tmp_path):
+    from onnxprune.cli import main
+    _, paths = exported[kind]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{_name(kind): _input(kind, batch=16, seed=9)})
+    out = tmp_path / "pruned.onnx"
+    assert main([paths["fp16"], str(out), "--ratio", "0.5", "--calib", str(calib),
+                 "--quiet"]) == 0
+    x = _input(kind, batch=2, seed=10)
+    assert np.isfinite(run(make_session(onnx.load(out)), {_name(kind): x})["y"]).all()

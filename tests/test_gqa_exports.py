@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import warnings
 
 import numpy as np
@@ -175,3 +176,19 @@ def test_main_job_data_free(exports, dynamo):
     for layer in ("attn0", "attn1"):
         removed = {int(n.rsplit("head", 1)[1]) for n in heads if n.startswith(layer)}
         assert removed in (set(), {0, 1}, {2, 3})
+
+
+def test_main_job_with_a_calibration_file(exports, tmp_path):
+    """The CLI's main job on a small .npz calibration set (inputs only: self-distillation)
+    cuts the grouped layers through the gradient scores."""
+    from onnxprune.cli import main
+    _, _, path = exports("llama", True)
+    calib = tmp_path / "calib.npz"
+    x = np.random.default_rng(3).standard_normal((16, SEQ, HIDDEN)).astype(np.float32)
+    np.savez(calib, x=x)
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    assert main([path, str(out), "--ratio", "0.5", "--calib", str(calib), "--report",
+                 str(report), "--quiet"]) == 0
+    data = json.loads(report.read_text())
+    assert not data["data"]["data_free"] and data["data"]["samples"] == 16
+    assert data["params"]["after"] < data["params"]["before"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import warnings
 
 import numpy as np
@@ -240,3 +241,20 @@ def test_llama_kv_group_cut_shrinks_the_cache_and_matches_torch(tmp_path, dynamo
                                    providers=["CPUExecutionProvider"])
     got = session.run(["logits"], cut_feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_main_job_with_a_calibration_file(exported, tmp_path):
+    """The main job on an .npz of token ids and past caches (one sequence each)."""
+    from onnxprune.cli import main
+    _, _, path = exported
+    rng = np.random.default_rng(4)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=rng.integers(0, VOCAB, (8, SEQ)).astype(np.int64),
+             **{n: rng.standard_normal((8, HEADS, PAST, HEAD_DIM)).astype(np.float32)
+                for n in NAMES})
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    assert main([path, str(out), "--ratio", "0.5", "--calib", str(calib), "--batch-size", "1",
+                 "--report", str(report), "--quiet"]) == 0
+    data = json.loads(report.read_text())
+    assert not data["data"]["data_free"]
+    assert any(shape[1] < HEADS for shape in data["cache_shapes"].values())

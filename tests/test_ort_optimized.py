@@ -6,6 +6,8 @@ output-projection rows / FFN down rows zeroed), and the data-free main job runs.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -284,3 +286,18 @@ def test_multi_head_attention_output(exported, level, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
     pruned, _ = onnxprune.prune(path, 0.5, shapes=SHAPES)
     assert _ops(pruned).count("SkipLayerNormalization") == 4
+
+
+def test_main_job_with_a_calibration_file(exported, tmp_path):
+    from onnxprune.cli import main
+    _, paths = exported
+    rng = np.random.default_rng(4)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=rng.integers(0, 100, (16, SEQ)).astype(np.int64),
+             attention_mask=np.ones((16, SEQ), np.int64))
+    out, report = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    assert main([paths[2], str(out), "--ratio", "0.5", "--calib", str(calib), "--report",
+                 str(report), "--quiet"]) == 0
+    data = json.loads(report.read_text())
+    assert not data["data"]["data_free"] and data["data"]["samples"] == 16
+    assert _ops(onnx.load(out)).count("SkipLayerNormalization") == 4
