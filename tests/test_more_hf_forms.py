@@ -113,3 +113,40 @@ def test_swin_prunes_heads_where_shifted_windows_block_module_removal(tmp_path):
     excluded = report.to_json()["excluded"]
     assert excluded and all("several users" in e["reason"] for e in excluded)
     assert any(".head" in u for u in report.removed)
+
+
+class _TimesFm(torch.nn.Module):
+    """TimesFM's point forecast from a context window (frequency 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import TimesFmConfig, TimesFmModelForPrediction
+
+        cfg = TimesFmConfig(patch_length=8, context_length=64, horizon_length=8,
+                            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, head_dim=8)
+        self.m = TimesFmModelForPrediction(cfg)
+
+    def forward(self, x):
+        freq = torch.zeros(x.shape[0], 1, dtype=torch.long)
+        return self.m(past_values=x, freq=freq).mean_predictions
+
+
+def test_timesfm_main_job_excludes_non_residual_ffns_and_prunes_the_rest(tmp_path):
+    """TimesFM (dynamo export): its input and output residual MLPs have no residual add
+    around the FFN (named, left out); the decoder layers prune; the gradient scores
+    differentiate through the patching."""
+    torch.manual_seed(0)
+    model = _TimesFm().eval()
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    path = str(tmp_path / "timesfm.onnx")
+    export_model(model, x, path, dynamo=True, dynamic_batch=False, opset=18)
+    structure = onnxprune.inspect(path).structure
+    assert len(structure.attention) == 2 and len(structure.ffn) == 4
+    assert [b.heads for b in structure.attention] == [4, 4]
+    _, report = onnxprune.prune(path, 0.5, samples=8, seed=0)
+    excluded = {(e["block"], e["kind"]) for e in report.to_json()["excluded"]}
+    assert ("ffn1", "FFN modules") in excluded
+    assert any(".head" in u or ".ch" in u for u in report.removed)
+    result = onnxprune.cut(path, ["attn0.head1", "ffn1.ch3", "attn1"])
+    assert result.verification.max_abs_diff < 1e-4
