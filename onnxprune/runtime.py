@@ -60,7 +60,7 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
     opts.enable_cpu_mem_arena = arena
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4   # failures become one-line errors (run): no C++ log too
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 import onnx
 
-from onnxprune.errors import VerificationError
+from onnxprune.errors import OnnxpruneError, VerificationError
 from onnxprune.gates import gate_model
 from onnxprune.input_roles import input_roles
 from onnxprune.runtime import make_session, run, synthetic_feeds
@@ -91,6 +91,27 @@ def tolerance(model: onnx.ModelProto) -> tuple[float, float]:
     return HALF_RTOL_EPS * eps, HALF_ATOL_EPS * eps
 
 
+def _reference_run(analysis: Analysis, gated, plan: Plan, seed: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Inputs and the gated original's outputs at the verification shapes (another batch
+    than the analysis, to check that dynamic dims stay dynamic); at the analysed shapes when
+    the original itself cannot run there (an export that baked a dynamic dim in)."""
+    specs, session = input_specs(analysis.model), make_session(gated.model)
+    analysed = analysis.structure.input_shapes
+
+    def run_at(shapes: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        feeds = synthetic_feeds(specs, shapes, seed=seed, roles=input_roles(analysis.model))
+        return feeds, run(session, {**feeds, **gated.feeds(plan)})
+
+    other = verification_shapes(specs, analysed)
+    try:
+        return run_at(other)
+    except OnnxpruneError:
+        if other == analysed:
+            raise
+    return run_at(analysed)
+
+
 def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 0,
            rtol: float | None = None, atol: float | None = None) -> Verification:
     """Raise VerificationError unless the cut model is exactly the gated original (to
@@ -100,10 +121,7 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
     atol = default_atol if atol is None else atol
     check_model(cut, "the cut model")
     gated = gate_model(analysis, blocks=list(plan.cuts))
-    shapes = verification_shapes(input_specs(analysis.model), analysis.structure.input_shapes)
-    feeds = synthetic_feeds(input_specs(analysis.model), shapes, seed=seed,
-                            roles=input_roles(analysis.model))
-    reference = run(make_session(gated.model), {**feeds, **gated.feeds(plan)})
+    feeds, reference = _reference_run(analysis, gated, plan, seed)
     caches = cache_cuts(analysis, plan)
     cut_feeds = {name: caches[name](value) if name in caches else value
                  for name, value in feeds.items()}
@@ -128,7 +146,7 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
                                     f"{diff:.3g} (allowed {atol + rtol * scale:.3g})")
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale else 0.0)
-    batch = next(iter(shapes.values()))[0] if shapes else None
+    batch = next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), None)
     return Verification(worst_abs, worst_rel, len(reference), batch)
 
 
