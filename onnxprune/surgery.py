@@ -49,12 +49,19 @@ class BlockSurgeon:
         self.flow = block.flow
         self.roles = roles
         self.names = set(self.tensors)
+        self.node_names = set(self.nodes)   # a second cut of a cut model meets its names
         self.old: dict[str, tuple[int, ...]] = {}
         self.new: dict[str, tuple[int, ...]] = {}
 
     def const(self, name: str, value: np.ndarray) -> gs.Constant:
         """A new constant under a fresh name based on ``name``."""
         return _constant(fresh_name(self.names, name), value)
+
+    def _node(self, op: str, name: str, **kwargs) -> gs.Node:
+        """A new node under a fresh name based on ``name``, appended to the graph."""
+        node = gs.Node(op, fresh_name(self.node_names, name), **kwargs)
+        self.graph.nodes.append(node)
+        return node
 
     def _var(self, name: str) -> gs.Variable:
         return gs.Variable(fresh_name(self.names, name), dtype=np.int64)
@@ -144,8 +151,8 @@ class BlockSurgeon:
     def _gather(self, tensor: gs.Tensor, positions: np.ndarray, axis: int) -> gs.Variable:
         out = gs.Variable(fresh_name(self.names, f"{tensor.name}_kept{axis}"), dtype=tensor.dtype)
         index = self.const(f"{out.name}_index", positions.astype(np.int64))
-        self.graph.nodes.append(gs.Node("Gather", f"{out.name}_gather", {"axis": axis},
-                                        [tensor, index], [out]))
+        self._node("Gather", f"{out.name}_gather", attrs={"axis": axis},
+                   inputs=[tensor, index], outputs=[out])
         return out
 
     # -- shape-carrying ops on the labelled path ------------------------------------------
@@ -174,10 +181,10 @@ class BlockSurgeon:
     def _scale_shape(self, shape: gs.Tensor, num: np.ndarray, den: np.ndarray,
                      prefix: str) -> gs.Variable:
         mul, out = self._var(f"{prefix}_mul"), self._var(f"{prefix}_div")
-        self.graph.nodes.append(gs.Node("Mul", f"{prefix}_Mul", inputs=[
-            shape, self.const(f"{prefix}_num", num.astype(np.int64))], outputs=[mul]))
-        self.graph.nodes.append(gs.Node("Div", f"{prefix}_Div", inputs=[
-            mul, self.const(f"{prefix}_den", den.astype(np.int64))], outputs=[out]))
+        self._node("Mul", f"{prefix}_Mul", inputs=[
+            shape, self.const(f"{prefix}_num", num.astype(np.int64))], outputs=[mul])
+        self._node("Div", f"{prefix}_Div", inputs=[
+            mul, self.const(f"{prefix}_den", den.astype(np.int64))], outputs=[out])
         return out
 
     def traced(self, tensor: gs.Tensor) -> np.ndarray:
@@ -207,8 +214,7 @@ class BlockSurgeon:
         raw = self._var(f"{out.name}_cut")
         node.outputs = [raw]
         restored = self._scale_shape(raw, den, num, f"{out.name}_restore")
-        self.graph.nodes.append(gs.Node("Identity", f"{out.name}_restored", inputs=[restored],
-                                        outputs=[out]))
+        self._node("Identity", f"{out.name}_restored", inputs=[restored], outputs=[out])
 
 
 def declared_shape(declared, old: tuple[int, ...], new: tuple[int, ...]):
