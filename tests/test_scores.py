@@ -149,20 +149,24 @@ def test_send_matches_numpy_reference(export_cache):
     assert scores.array(block.name, "attn") == pytest.approx(want, rel=2e-2)
 
 
-def test_fisher_ema_and_taylor_formulas():
+def test_fisher_and_taylor_are_means_over_every_sample():
+    """No smoothing across calibration batches: the statistic over two batches of 2 and 1
+    samples is the one over the 3 samples at once (the EMA runs across --steps only)."""
     from onnxprune.gates import Gate
 
     gate = Gate("g", "attn0", "head", 3, shape=(1, 3), batch_dim=0)
     batches = [np.array([[1.0, -2.0, 0.0], [3.0, 0.5, 0.0]]), np.array([[-1.0, 1.0, 0.0]])]
-    fisher, taylor = GradientStatistic("fisher", ema=0.3), GradientStatistic("taylor")
+    fisher, taylor = GradientStatistic("fisher"), GradientStatistic("taylor")
     for g in batches:
         fisher.update({gate: g})
         taylor.update({gate: g})
-    per_batch = [-g.mean(0) + 0.5 * (g ** 2).mean(0) for g in batches]
-    smoothed = 0.3 * per_batch[1] + 0.7 * per_batch[0]
-    np.testing.assert_allclose(fisher.result()[gate], np.abs(smoothed))
-    np.testing.assert_allclose(taylor.result()[gate], np.abs(np.vstack(batches)).mean(0))
+    every = np.vstack(batches)
+    np.testing.assert_allclose(fisher.signed()[gate], -every.mean(0) + 0.5 * (every ** 2).mean(0))
+    np.testing.assert_allclose(fisher.result()[gate], np.abs(fisher.signed()[gate]))
+    np.testing.assert_allclose(taylor.result()[gate], np.abs(every).mean(0))
     assert fisher.result()[gate][2] == 0  # a unit that never fires scores 0
+    sketch = fisher.sketches()[gate]          # every sample its own row: the exact Fisher
+    np.testing.assert_allclose(sketch.fisher(), every.T @ every / 3, rtol=1e-6)
 
 
 def test_magnitude_adds_up_to_the_projection_weights(export_cache):

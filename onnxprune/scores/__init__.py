@@ -12,6 +12,7 @@ import time
 
 from onnxprune.scores import ablation, activations, gradient, weights  # noqa: F401  (registers)
 from onnxprune.scores.base import (
+    GradientSketch,
     ImportanceScore,
     ScoreArrays,
     ScoreContext,
@@ -25,8 +26,8 @@ from onnxprune.scores.base import (
 from onnxprune.structure.discover import Analysis
 from onnxprune.units import UnitKind
 
-__all__ = ["ImportanceScore", "ScoreContext", "Scores", "check_method", "compute_scores",
-           "granularities", "register_score", "resolve_score", "score_names"]
+__all__ = ["GradientSketch", "ImportanceScore", "ScoreContext", "Scores", "check_method",
+           "compute_scores", "granularities", "register_score", "resolve_score", "score_names"]
 
 
 def compute_scores(analysis: Analysis, batches, spec, method: str | ImportanceScore,
@@ -42,7 +43,10 @@ def compute_scores(analysis: Analysis, batches, spec, method: str | ImportanceSc
         samples = context.samples_seen
     else:
         samples = context.samples if score.needs_data else 0
-    return Scores(score.name, values, samples, time.perf_counter() - start, context.fallbacks)
+    keep = values.keys()
+    return Scores(score.name, values, samples, time.perf_counter() - start, context.fallbacks,
+                  {k: v for k, v in context.signed.items() if k in keep},
+                  {k: v for k, v in context.gradients.items() if k in keep})
 
 
 def _restrict(analysis: Analysis, values: ScoreArrays, kinds: set[UnitKind]) -> ScoreArrays:

@@ -39,10 +39,12 @@ class ScoreContext:
     kinds: set[UnitKind]
     seed: int = 0
     threads: int = 0
-    ema: float = 0.5
+    ema: float = 0.5             # the smoothing of progressive steps (the pipeline applies it)
     progress: Progress | None = None
     fallbacks: list[str] = field(default_factory=list)   # notes a score leaves
     samples_seen: int | None = None                      # when a score counts its own
+    signed: ScoreArrays = field(default_factory=dict)    # signed estimates a score leaves
+    gradients: dict[ScoreKey, GradientSketch] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -52,14 +54,41 @@ class ScoreContext:
 
 
 @dataclass
+class GradientSketch:
+    """The gate gradients of one (block, kind) over the calibration set, enough for the
+    block's empirical Fisher F = mean_n g_n g_nᵀ (Kwon et al. 2022, mask rearrangement).
+
+    ``rows`` holds at most a fixed number of rows: sample n is added, with a random sign, to
+    row n mod rows, so rowsᵀrows equals Σ_n g_n g_nᵀ exactly while every sample has its own
+    row, and in expectation beyond that (the cross terms cancel) at bounded memory."""
+
+    mean: np.ndarray             # mean_n g_n, [units]
+    square: np.ndarray           # mean_n g_n², [units] (the exact diagonal of F)
+    rows: np.ndarray             # [rows, units]
+    samples: int
+
+    def fisher(self) -> np.ndarray:
+        """The empirical Fisher [units, units]: sketched off-diagonal, exact diagonal."""
+        rows = self.rows.astype(np.float64)
+        f = rows.T @ rows / max(self.samples, 1)
+        np.fill_diagonal(f, self.square)
+        return f
+
+
+@dataclass
 class Scores:
-    """Scores by (block, unit kind); each array has the kind's shape in that block."""
+    """Scores by (block, unit kind); each array has the kind's shape in that block.
+    ``signed`` holds the signed loss estimates where the score has them (fisher: the
+    values are their absolute values), ``gradients`` the gradient sketches of gradient
+    scores (what mask rearrangement reads)."""
 
     method: str
     values: ScoreArrays
     samples: int
     seconds: float = 0.0
     fallbacks: list[str] = field(default_factory=list)
+    signed: ScoreArrays = field(default_factory=dict)
+    gradients: dict[ScoreKey, GradientSketch] = field(default_factory=dict)
 
     def array(self, block: str, kind: UnitKind | str) -> np.ndarray | None:
         key = kind.key if isinstance(kind, UnitKind) else kind

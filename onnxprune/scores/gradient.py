@@ -5,10 +5,10 @@ respect to the gate inputs only; every calibration batch is then one run of that
 which yields the loss of each sample and each sample's ∂L/∂gate.
 
 - ``taylor``: mean over samples of |g| (Michel et al. 2019).
-- ``fisher``: per batch s = −mean_n g + ½·mean_n g² (the second-order estimate of the loss
-  increase when the gate goes from 1 to 0, with the Fisher approximation of the curvature);
-  the signed value is smoothed across batches, s̃ ← α·s + (1−α)·s̃, and its absolute value
-  ranks ("Less is More", Eq. 6).
+- ``fisher``: s = −mean_n g + ½·mean_n g² over every calibration sample (the second-order
+  estimate of the loss increase when the gate goes from 1 to 0, with the Fisher
+  approximation of the curvature); its absolute value ranks ("Less is More", Eq. 6). Across
+  progressive steps the signed value is smoothed, s̃ ← α·s + (1−α)·s̃ (``pipeline``).
 - ``send``: SPAT's module score from S = ∂L/∂A ⊙ A on each softmax output A (the gradient
   of a whole-tensor gate on A): |S|, softmax over keys, mean over heads, standard deviation
   of each row, mean over rows.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -35,6 +36,7 @@ from onnxprune.runtime import make_session, run
 from onnxprune.scores.ablation import Ablation
 from onnxprune.scores.activations import Stat
 from onnxprune.scores.base import (
+    GradientSketch,
     ImportanceScore,
     ScoreArrays,
     ScoreContext,
@@ -112,47 +114,84 @@ class GradientPass:
         return values[SAMPLE_LOSS], grads
 
 
-class GradientStatistic:
-    """Accumulates one gradient metric over batches; ``result()`` gives a score per gate
-    (the per-unit vector for vector gates, a scalar for module and SEND gates)."""
+# rows of a gradient sketch: every sample its own row up to this many, ~4 MB per block
+SKETCH_ROWS = (64, 512)
+SKETCH_ENTRIES = 1 << 20
 
-    def __init__(self, method: str, ema: float = 0.5, first_order: bool = True):
+
+class GradientStatistic:
+    """Accumulates one gradient metric as a mean over every calibration sample of its
+    per-sample statistic; ``result()`` gives a score per gate (the per-unit vector for
+    vector gates, a scalar for module and SEND gates). Nothing is smoothed across batches:
+    the EMA of ``fisher`` runs across progressive steps (``pipeline.run_prune``).
+
+    For vector gates it also keeps a ``GradientSketch`` (mean g, mean g², a bounded
+    random-sign sketch of the per-sample gradients): the block's empirical Fisher."""
+
+    def __init__(self, method: str, first_order: bool = True, seed: int = 0,
+                 sketch: bool = True):
         self.method = method
-        self.ema = ema
+        self.sketch = sketch
         # with sampled (self-distillation) targets E[g] = 0: only the curvature term counts
         self.first_order = first_order
-        self.state: dict[Gate, np.ndarray] = {}
+        self.sums: dict[Gate, dict[str, np.ndarray]] = {}
+        self.rows: dict[Gate, np.ndarray] = {}
         self.count = 0
+        self.rng = np.random.default_rng(seed)
 
     def update(self, grads: Mapping[Gate, np.ndarray]) -> None:
+        batch = len(next(iter(grads.values()))) if grads else 0
+        signs = self.rng.choice((-1.0, 1.0), size=batch)
         for gate, g in grads.items():
             g = g.astype(np.float64)
             if gate.kind == "send":
-                value = send_dispersion(g).sum()
-            elif self.method == "taylor":
-                value = np.abs(g).sum(axis=0)
-            else:
-                value = 0.5 * (g ** 2).mean(axis=0)
-                if self.first_order:
-                    value = value - g.mean(axis=0)
-            self._accumulate(gate, value, len(g))
-        self.count += len(next(iter(grads.values()))) if grads else 0
+                self._add(gate, "send", send_dispersion(g).sum())
+                continue
+            self._add(gate, "g", g.sum(axis=0))
+            self._add(gate, "g2", (g ** 2).sum(axis=0))
+            self._add(gate, "abs", np.abs(g).sum(axis=0))
+            if gate.size and self.sketch:
+                self._sketch(gate, g, signs)
+        self.count += batch
 
-    def _accumulate(self, gate: Gate, value: np.ndarray, n: int) -> None:
-        old = self.state.get(gate)
-        if self.method == "fisher" and gate.kind != "send":
-            self.state[gate] = value if old is None else self.ema * value + (1 - self.ema) * old
-        else:
-            self.state[gate] = value if old is None else old + value
+    def _add(self, gate: Gate, name: str, value: np.ndarray) -> None:
+        sums = self.sums.setdefault(gate, {})
+        sums[name] = value if name not in sums else sums[name] + value
+
+    def _sketch(self, gate: Gate, g: np.ndarray, signs: np.ndarray) -> None:
+        if gate not in self.rows:
+            low, high = SKETCH_ROWS
+            size = g.shape[1]
+            self.rows[gate] = np.zeros((min(high, max(low, SKETCH_ENTRIES // size)), size))
+        rows = self.rows[gate]
+        where = (self.count + np.arange(len(g))) % len(rows)
+        np.add.at(rows, where, signs[:, None] * g)
+
+    def signed(self) -> dict[Gate, np.ndarray]:
+        """Per gate the signed statistic: fisher's −mean g + ½ mean g² (the estimated loss
+        increase when the gate goes from 1 to 0), taylor's mean |g|, SEND's mean."""
+        n = max(self.count, 1)
+        out = {}
+        for gate, sums in self.sums.items():
+            if gate.kind == "send":
+                out[gate] = sums["send"] / n
+            elif self.method == "taylor":
+                out[gate] = sums["abs"] / n
+            else:
+                value = 0.5 * sums["g2"] / n
+                out[gate] = value - sums["g"] / n if self.first_order else value
+        return out
 
     def result(self) -> dict[Gate, np.ndarray]:
-        out = {}
-        for gate, value in self.state.items():
-            if self.method == "fisher" and gate.kind != "send":
-                out[gate] = np.abs(value)
-            else:
-                out[gate] = value / max(self.count, 1)
-        return out
+        """The scores: the signed statistic, fisher's as its absolute value (ranking)."""
+        return {gate: np.abs(value) if self.method == "fisher" and gate.kind != "send"
+                else value for gate, value in self.signed().items()}
+
+    def sketches(self) -> dict[Gate, GradientSketch]:
+        n = max(self.count, 1)
+        return {gate: GradientSketch(self.sums[gate]["g"] / n, self.sums[gate]["g2"] / n,
+                                     rows.astype(np.float32), self.count)
+                for gate, rows in self.rows.items()}
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -177,6 +216,9 @@ class GradientScore(ImportanceScore):
     needs_data = True
     needs_gradients = True
     statistic: str
+    # the statistic estimates the loss increase (signed, with the empirical Fisher on its
+    # diagonal): the run smooths it across steps and rearranges masks with the sketches
+    estimates_loss: ClassVar[bool] = False
 
     def compute(self, context: ScoreContext) -> ScoreArrays:
         try:
@@ -190,8 +232,8 @@ class GradientScore(ImportanceScore):
                         send: bool) -> ScoreArrays:
         analysis = context.analysis
         grad = GradientPass(analysis, context.spec, kinds, context.threads, send=send)
-        acc = GradientStatistic(self.statistic, context.ema,
-                                first_order=not context.spec.distill)
+        acc = GradientStatistic(self.statistic, first_order=not context.spec.distill,
+                                seed=context.seed, sketch=self.estimates_loss)
         data = getattr(context.batches, "gradient_batches", context.batches)()
         for n, (inputs, targets) in enumerate(data):
             _, grads = grad(inputs, targets)
@@ -199,14 +241,26 @@ class GradientScore(ImportanceScore):
             if context.progress:
                 context.progress(n + 1, len(data))
         context.samples_seen = acc.count
-        blocks = {b.name: b for b in analysis.structure.blocks}
-        values: ScoreArrays = {}
-        for gate, value in acc.result().items():
-            block = blocks[gate.block]
-            kind = gate.unit or module_kind(block)
-            values[(gate.block, kind)] = value.reshape(kind.shape(block)) if gate.size \
-                else np.float64(value)
-        return values
+        keys = {gate: self._key(analysis, gate) for gate in acc.sums}
+        if self.estimates_loss:
+            context.signed.update(self._arrays(analysis, keys, acc.signed()))
+            context.gradients.update({keys[gate]: sketch
+                                      for gate, sketch in acc.sketches().items()})
+        return self._arrays(analysis, keys, acc.result())
+
+    @staticmethod
+    def _key(analysis: Analysis, gate: Gate) -> tuple[str, UnitKind]:
+        return gate.block, gate.unit or module_kind(analysis.structure.block(gate.block))
+
+    @staticmethod
+    def _arrays(analysis: Analysis, keys: Mapping[Gate, tuple[str, UnitKind]],
+                values: Mapping[Gate, np.ndarray]) -> ScoreArrays:
+        out: ScoreArrays = {}
+        for gate, value in values.items():
+            block, kind = keys[gate]
+            out[(block, kind)] = (value.reshape(kind.shape(analysis.structure.block(block)))
+                                  if gate.size else np.float64(value))
+        return out
 
 
 def forward_fallback(context: ScoreContext) -> ScoreArrays:
@@ -229,6 +283,7 @@ class Fisher(GradientScore):
 
     name = "fisher"
     statistic = "fisher"
+    estimates_loss = True
 
 
 @register_score
