@@ -1,31 +1,45 @@
 """The plan stage: from scores, costs and a budget to the units to remove.
 
-Candidates of every kind the granularity allows are ranked together by score per unit of
-cost (estimated loss increase per parameter, or per FLOP with ``target="flops"``) and taken
-greedily, cheapest first, until the budget is met. Each unit kind makes its candidates and
-says what a candidate removes given what was already taken (its constraints): a kept
-attention module keeps at least one head, a kept FFN at least one channel; QK and VO
-channels go in per-head slots; a block reported as not removable (or not prunable) is never
-cut that way. ``round_to`` M keeps the widths of rounded kinds multiples of M.
+Each unit kind makes its candidates and says what a candidate removes given what was
+already taken (its constraints): a kept attention module keeps at least one head, a kept
+FFN at least one channel; QK and VO channels go in per-head slots; grouped-query heads go
+by KV group; a block reported as not removable (or not prunable) is never cut that way.
+``round_to`` M keeps the widths of rounded kinds multiples of M. Costs are parameters,
+FLOPs (``target="flops"``) or a given per-block, per-kind table (``costs``, e.g. latency).
+
+``select`` (the default) searches, per block, how many units of each kind to remove so that
+the removed importance is least while the budget is met (``search.py``, Kwon et al. 2022),
+then, where the score left gradient sketches (fisher), rearranges which units of each kind
+go with the block's empirical Fisher (``rearrange.py``). ``select_greedy`` ranks every
+candidate by score per unit of cost and takes them cheapest first (the earlier planner).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from onnxprune.errors import OnnxpruneError
+from onnxprune.rearrange import rearrange
 from onnxprune.scores import Scores
+from onnxprune.search import BlockOptions, block_options, choose
 from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
-from onnxprune.units import BlockBudget, Candidate, Unit, UnitKind, kinds_of
+from onnxprune.units import BlockBudget, Candidate, Unit, UnitKind, kinds_of, module_kind
+
+Costs = dict[str, dict[str, float]]      # block -> unit kind key -> cost of one unit
 
 
 @dataclass
 class Selection:
     units: list[Unit]
-    removed: float               # cost removed (parameters or FLOPs)
+    removed: float               # cost removed (parameters, FLOPs or the cost table's unit)
     total: float                 # prunable cost of the model
     by_kind: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)   # block -> kind -> units
+    estimated_loss: float = 0.0  # summed scores of what is removed (before rearrangement)
+    swaps: int = 0               # units exchanged by mask rearrangement
 
     @property
     def fraction(self) -> float:
@@ -122,27 +136,109 @@ class Greedy:
 
 
 def select(analysis: Analysis, scores: Scores, kinds: set[UnitKind], budget: float, *,
-           target: str = "params", round_to: int = 1) -> Selection:
-    """Remove at least ``budget`` (absolute cost) with the least estimated loss."""
-    total = prunable_total(analysis, target)
-    costs = {b.name: unit_costs(analysis, b, target) for b in analysis.structure.blocks}
+           target: str = "params", round_to: int = 1, costs: Costs | None = None
+           ) -> Selection:
+    """Remove at least ``budget`` (absolute cost) with the least estimated loss: the mask
+    search, then mask rearrangement where the scores carry gradient sketches."""
+    costs = costs or cost_table(analysis, target)
+    total = total_cost(analysis, costs)
+    per_block: dict[str, list[Candidate]] = {}
+    for cand in candidates(analysis, scores, kinds, costs):
+        per_block.setdefault(cand.block, []).append(cand)
+    options = [block_options(analysis.structure.block(name), cands, costs[name], round_to)
+               for name, cands in per_block.items()]
+    picks = choose(options, budget) if options else None
+    if picks is None:
+        most = sum(float(o.cost.max()) for o in options)
+        _unmet(most, budget, total, target)
+    selection = _selection(options, picks, total)
+    single = {(c.block, c.kind) for cands in per_block.values() for c in cands
+              if len(c.units) == 1 and not c.kind.whole and not c.kind.slotted}
+    return _rearranged(scores, selection, single)
+
+
+def _unmet(removed: float, budget: float, total: float, target: str) -> None:
+    measure = {"params": "parameters", "flops": "FLOPs"}.get(target, "cost")
+    raise OnnxpruneError(f"budget cannot be met: the constraints allow removing "
+                         f"{removed / total:.1%} of the prunable {measure}, "
+                         f"{budget / total:.1%} asked")
+
+
+def _selection(options: list[BlockOptions], picks: list[int], total: float) -> Selection:
+    units: list[Unit] = []
+    by_kind: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for opts, pick in zip(options, picks):
+        for cand in opts.picks(pick):
+            units.extend(cand.units)
+            by_kind[cand.kind.key] = by_kind.get(cand.kind.key, 0) + 1
+            block = counts.setdefault(opts.block, {})
+            block[cand.kind.key] = block.get(cand.kind.key, 0) + len(cand.units)
+    removed = float(sum(o.cost[p] for o, p in zip(options, picks)))
+    loss = float(sum(o.loss[p] for o, p in zip(options, picks)))
+    return Selection(units, removed, total, by_kind, counts, loss)
+
+
+def _rearranged(scores: Scores, selection: Selection,
+                single: set[tuple[str, UnitKind]]) -> Selection:
+    """Per (block, kind) with a gradient sketch whose candidates are single units, the
+    removed units re-chosen with the block's empirical Fisher (same counts, same cost)."""
+    units = list(selection.units)
+    swaps = 0
+    for (block, kind), sketch in scores.gradients.items():
+        mine = [u for u in units if u.block == block and u.kind is kind]
+        if not mine or (block, kind) not in single or (block, kind) not in scores.signed:
+            continue
+        removed = np.zeros(len(sketch.mean), bool)
+        removed[[u.index[0] for u in mine]] = True
+        fisher = sketch.fisher()
+        signed = np.asarray(scores.signed[(block, kind)], np.float64).ravel()
+        after, made = rearrange(removed, signed - 0.5 * np.diag(fisher), fisher)
+        if made:
+            units = [u for u in units if not (u.block == block and u.kind is kind)]
+            units += [Unit(kind, block, (int(i),)) for i in np.flatnonzero(after)]
+            swaps += made
+    selection.units, selection.swaps = units, swaps
+    return selection
+
+
+def cost_table(analysis: Analysis, target: str = "params") -> Costs:
+    """Per block, the cost one unit of each kind removes (parameters or FLOPs)."""
+    return {b.name: unit_costs(analysis, b, target) for b in analysis.structure.blocks}
+
+
+def total_cost(analysis: Analysis, costs: Costs) -> float:
+    """The prunable total under a cost table: every block's whole-module cost."""
+    return float(sum(costs[b.name].get(module_kind(b).key, 0.0)
+                     for b in analysis.structure.blocks))
+
+
+def select_greedy(analysis: Analysis, scores: Scores, kinds: set[UnitKind], budget: float,
+                  *, target: str = "params", round_to: int = 1, costs: Costs | None = None
+                  ) -> Selection:
+    """The greedy planner: candidates by score per unit of cost, cheapest first."""
+    costs = costs or cost_table(analysis, target)
+    total = total_cost(analysis, costs)
     ranked = sorted(candidates(analysis, scores, kinds, costs), key=lambda c: c.sort_key)
     greedy = Greedy(analysis, costs)
     removed = _fill(greedy, ranked, budget, slack=0.01 * total)
     if removed < budget:   # what overshot the budget is allowed once nothing smaller fits
         removed += _fill(greedy, ranked, budget - removed, slack=float("inf"))
     if removed < budget:
-        raise OnnxpruneError(
-            f"budget cannot be met: the constraints allow removing {removed / total:.1%} of "
-            f"the prunable {'FLOPs' if target == 'flops' else 'parameters'}, "
-            f"{budget / total:.1%} asked")
+        _unmet(removed, budget, total, target)
     if round_to > 1:
         greedy = _round(greedy, ranked, round_to)
         removed = greedy.spent
     by_kind: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
     for cand in greedy.chosen:
         by_kind[cand.kind.key] = by_kind.get(cand.kind.key, 0) + 1
-    return Selection(greedy.units(), removed, total, by_kind)
+    for unit in greedy.units():
+        block = counts.setdefault(unit.block, {})
+        block[unit.kind.key] = block.get(unit.kind.key, 0) + 1
+    loss = sum(c.score for c in greedy.chosen
+               if c.kind.whole or not greedy.budget(c.block).removed)
+    return Selection(greedy.units(), removed, total, by_kind, counts, loss)
 
 
 def _fill(greedy: Greedy, ranked: list[Candidate], budget: float, slack: float) -> float:

@@ -153,14 +153,13 @@ def test_head_cut_shrinks_the_cache_and_matches_torch(exported):
 
 
 @pytest.mark.parametrize("past", [2, 0])
-def test_main_job_data_free_cuts_heads_and_ffn_channels(exported, past):
+def test_main_job_data_free_cuts_heads_and_shrinks_the_caches(exported, past):
     _, _, path = exported
     shapes = {**SHAPES, **{n: (1, HEADS, past, HEAD_DIM) for n in NAMES}}
-    model, report = onnxprune.prune(path, ratio=0.3, method="taylor", seed=0,
-                                    shapes=shapes)
+    model, report = onnxprune.prune(path, ratio=0.2, method="taylor", seed=0,
+                                    granularity="head", shapes=shapes)
     removed = [u.split(":")[-1] for u in report.removed]
-    assert any(".head" in u for u in removed)
-    assert any(".ch" in u for u in removed)
+    assert removed and all(".head" in u for u in removed)
     data = report.to_json()
     assert data["data"]["data_free"]
     declared = {v.name: _dims(v) for v in [*model.graph.input, *model.graph.output]}
@@ -168,6 +167,13 @@ def test_main_job_data_free_cuts_heads_and_ffn_channels(exported, past):
     for name, shape in data["cache_shapes"].items():
         assert shape == declared[name]
     assert any(shape[1] < HEADS for shape in data["cache_shapes"].values())
+
+
+def test_main_job_data_free_cuts_ffn_channels(exported):
+    _, _, path = exported
+    _, report = onnxprune.prune(path, ratio=0.3, method="taylor", seed=0, shapes=SHAPES,
+                                granularity="ffn")
+    assert report.removed and all(".ch" in u for u in report.removed)
 
 
 def test_progressive_steps_feed_each_step_its_cut_cache(exported):
