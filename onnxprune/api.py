@@ -22,6 +22,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.evaluate import evaluate
 from onnxprune.finetune import finetune
 from onnxprune.gates import GatedModel, gate_model
+from onnxprune.latency import prune_for_latency
 from onnxprune.losses import choose_loss
 from onnxprune.modelio import load_model
 from onnxprune.pipeline import PruneOptions, Report, run_prune
@@ -98,18 +99,22 @@ def gate(model: ModelLike, kinds: Iterable[str] | None = None, shapes: Shapes = 
     return gate_model(inspect(model, shapes), chosen)
 
 
-def prune(model: ModelLike, ratio: float,
+def prune(model: ModelLike, ratio: float | None = None,
           calib: str | os.PathLike | CalibrationData | None = None, *,
           method: str | ImportanceScore = "fisher", granularity: str = "auto",
           samples: int | None = None, progress=None,
           **options) -> tuple[onnx.ModelProto, Report]:
     """Score, plan, cut and verify: remove ``ratio`` of the prunable parameters (or FLOPs
-    with ``target="flops"``). Other options: see :class:`onnxprune.pipeline.PruneOptions`."""
+    with ``target="flops"``); with ``target="latency"`` give ``speedup=S`` or
+    ``latency_ms=M`` instead of ``ratio`` (measured in ONNX Runtime, see
+    :mod:`onnxprune.latency`). Other options: see :class:`onnxprune.pipeline.PruneOptions`."""
     model = _as_model(model)
     opts = PruneOptions(ratio, method, granularity, **options)
     opts.check()
     opts.shapes = complete_shapes(input_specs(model), opts.shapes)
     data = load_or_synthesise(model, calib, samples, opts.seed, opts.shapes)
+    if opts.target == "latency":   # --- latency target hook (issue 14.5) ---
+        return prune_for_latency(model, data, opts, progress)
     return run_prune(model, data, opts, progress)
 
 

@@ -89,8 +89,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         granularity=args.granularity, samples=args.samples, target=args.target,
         steps=args.steps, round_to=args.round_to, ema=args.ema, seed=args.seed,
         loss=args.loss, batch_size=args.batch_size, threads=args.threads,
-        shapes=_shapes(args), progress=ProgressBar(args.quiet))
+        shapes=_shapes(args), progress=ProgressBar(args.quiet), reconstruct=args.reconstruct,
+        **_latency_options(args))
     print(prune_summary(report))
+    if report.latency:
+        print(latency_line(report.latency))
     extra = {}
     if args.ft_epochs or args.ft_steps:
         pruned, report, extra = _recover(args, load_model(args.input), pruned, report)
@@ -108,6 +111,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     save_model(pruned, args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+# --- --target latency (issue 14.5) --------------------------------------------------------
+def _latency_options(args: argparse.Namespace) -> dict:
+    """The latency budget's options, only where given (the API's defaults otherwise)."""
+    given = {"speedup": args.speedup, "latency_ms": args.latency_ms,
+             "latency_batch": args.latency_batch, "latency_provider": args.latency_provider}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def latency_line(latency: dict) -> str:
+    measured = latency["measured"]
+    return (f"latency {measured['before_ms']:.3f} -> {measured['after_ms']:.3f} ms: "
+            f"{measured['speedup']:.3f}x measured, {latency['requested_speedup']:.3f}x "
+            f"requested ({latency['error']:+.1%}; table {latency['table']['source']}, "
+            f"{len(latency['attempts'])} plan(s))")
+
+
+def add_latency_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency budget (--target latency)")
+    g.add_argument("--speedup", type=float, metavar="S",
+                   help="with --target latency: make the model S times faster (S > 1), "
+                        "measured in ONNX Runtime; replaces --ratio")
+    g.add_argument("--latency-ms", type=float, metavar="M",
+                   help="with --target latency: make the model run in M milliseconds; "
+                        "replaces --ratio")
+    g.add_argument("--latency-batch", type=int, metavar="B",
+                   help="batch size latency is measured at (default 1); threads are "
+                        "--threads")
+    g.add_argument("--latency-provider", choices=["cpu", "cuda", "auto"],
+                   help="ONNX Runtime provider latency is measured on (default cpu)")
+# --- end of --target latency ----------------------------------------------------------------
 
 
 def _finetune_options(args: argparse.Namespace, prefix: str = "") -> dict:
@@ -291,7 +326,8 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
                    help="task loss with targets (default: inferred); without targets "
                         "self-distillation is used")
     g.add_argument("--ema", type=float, default=0.5,
-                   help="fisher: EMA factor across batches (default 0.5)")
+                   help="fisher: EMA factor across progressive steps (--steps; default 0.5); "
+                        "within a step the score is a mean over every calibration sample")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and random")
     g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
     g.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
@@ -333,9 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "written, model not), 4 verification failed")
     p.add_argument("input", help="ONNX file to prune")
     p.add_argument("output", help="where to write the pruned model")
-    p.add_argument("--ratio", type=float, required=True,
+    p.add_argument("--ratio", type=float,
                    help="fraction of the prunable parameters (or FLOPs) to remove, in (0, 1)")
-    p.add_argument("--target", choices=["params", "flops"], default="params")
+    p.add_argument("--target", choices=["params", "flops", "latency"], default="params",
+                   help="what --ratio counts: params (default) or flops; latency: the "
+                        "budget is --speedup or --latency-ms, measured in ONNX Runtime")
     p.add_argument("--steps", type=int, default=1,
                    help="progressive pruning in K steps, re-scoring in between")
     p.add_argument("--round-to", type=int, default=1, metavar="M",
@@ -344,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, metavar="X",
                    help="quality gate: exit 3 without writing the model when the metric "
                         "degrades by more than X (relative, e.g. 0.05)")
+    p.add_argument("--reconstruct", choices=["none", "scale", "refit", "auto"],
+                   default="auto",
+                   help="after the verified cut, re-fit the kept weights of each pruned "
+                        "block's output projection to the original's outputs: scale (one "
+                        "factor per kept head/channel), refit (ridge least squares), auto "
+                        "(default: the best per block on held-out calibration data, kept only "
+                        "where it lowers the held-out loss), none")
+    add_latency_options(p)
     add_scoring_options(p, shape_help)
     add_finetune_options(p, "finetune-", "ft_")
     p.add_argument("--train", metavar="FILE", help="training data for --finetune-*")

@@ -2,8 +2,10 @@
 
 Progressive pruning (``steps`` K) follows "Less is More": step s brings the removed share of
 the original prunable cost to 1 − (1 − R)^(s/K) (a fixed fraction of what remains each
-step), re-scoring the shrunken model in between. The loss is always measured against the
-calibration targets, or, without targets, against the *original* model's outputs.
+step), re-scoring the shrunken model in between; a score's signed estimates are smoothed
+across the steps (``--ema``, ``smoothing.py``), never across calibration batches. Each step
+plans with the mask search and rearrangement (``plan.select``). The loss is always measured
+against the calibration targets, or, without targets, against the *original* model's outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import onnx
 
@@ -18,9 +21,17 @@ from onnxprune.batches import Feeds, LossBatches
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import Quality, choose_loss
-from onnxprune.plan import Exclusion, exclusions, prunable_total, select
-from onnxprune.scores import ImportanceScore, check_method, compute_scores, resolve_score
+from onnxprune.plan import Exclusion, Selection, exclusions, prunable_total, select
+from onnxprune.reconstruct import ReconstructionReport, check_mode, check_updates, reconstruct
+from onnxprune.scores import (
+    ImportanceScore,
+    Scores,
+    check_method,
+    compute_scores,
+    resolve_score,
+)
 from onnxprune.shapes import analysis_shapes, fit_static, input_specs
+from onnxprune.smoothing import StepSmoother
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
 from onnxprune.units import Plan, Unit, UnitKind, kinds_of, make_plan
@@ -31,7 +42,7 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class PruneOptions:
-    ratio: float
+    ratio: float | None   # None with --target latency (the latency run derives it)
     method: str | ImportanceScore = "fisher"   # a registered score's name, or an instance
     granularity: str = "auto"
     target: str = "params"
@@ -43,12 +54,28 @@ class PruneOptions:
     batch_size: int = 32
     threads: int = 0
     shapes: dict[str, tuple[int, ...]] | None = None
+    # --- latency target (issue 14.5; onnxprune/latency.py): the budget is --speedup S or
+    # --latency-ms M instead of --ratio; ``costs`` is the measured table's cost model,
+    # which the latency run sets (None: parameters or FLOPs, as ``target`` says)
+    speedup: float | None = None
+    latency_ms: float | None = None
+    latency_batch: int = 1
+    latency_provider: str = "cpu"
+    costs: CostModel | None = None
+    reconstruct: str = "auto"   # none, scale, refit or auto (onnxprune.reconstruct)
 
     def check(self) -> None:
-        if not 0 < self.ratio < 1:
+        if self.target == "latency" and self.costs is None:
+            check_latency_budget(self)
+        elif self.ratio is None:
+            raise OnnxpruneError("--ratio R is required (or --target latency with --speedup "
+                                 "S or --latency-ms M)")
+        elif not 0 < self.ratio < 1:
             raise OnnxpruneError(f"--ratio {self.ratio}: must be between 0 and 1 (exclusive)")
-        if self.target not in ("params", "flops"):
-            raise OnnxpruneError(f"--target {self.target!r}: choose params or flops")
+        if self.target not in ("params", "flops", "latency"):
+            raise OnnxpruneError(f"--target {self.target!r}: choose params, flops or latency")
+        if self.target != "latency" and (self.speedup, self.latency_ms) != (None, None):
+            raise OnnxpruneError("--speedup and --latency-ms need --target latency")
         if self.steps < 1:
             raise OnnxpruneError(f"--steps {self.steps}: must be at least 1")
         if self.round_to < 1:
@@ -58,6 +85,50 @@ class PruneOptions:
         if self.batch_size < 1:
             raise OnnxpruneError(f"--batch-size {self.batch_size}: must be at least 1")
         check_method(self.method, self.granularity)
+        check_mode(self.reconstruct)
+
+    # --- the cost the budget counts (hook for --target latency) ---------------------------
+    def prunable(self, analysis: Analysis) -> float:
+        """The prunable total the ratio is a share of, in the target's unit."""
+        if self.costs is not None:
+            return self.costs.total(analysis)
+        if self.target == "latency":
+            raise OnnxpruneError("--target latency needs a measured latency table: run it "
+                                 "through onnxprune.prune or onnxprune.latency")
+        return prunable_total(analysis, self.target)
+
+    def select(self, analysis: Analysis, scores: Scores, kinds: set[UnitKind],
+               budget: float) -> Selection:
+        if self.costs is not None:
+            return self.costs.select(analysis, scores, kinds, budget, self.round_to)
+        return select(analysis, scores, kinds, budget, target=self.target,
+                      round_to=self.round_to)
+
+
+class CostModel(Protocol):
+    """A measured cost in place of parameters or FLOPs (``onnxprune.latency``)."""
+
+    def total(self, analysis: Analysis) -> float: ...
+
+    def select(self, analysis: Analysis, scores: Scores, kinds: set[UnitKind],
+               budget: float, round_to: int = 1) -> Selection: ...
+
+
+def check_latency_budget(opts: PruneOptions) -> None:
+    """``--target latency`` takes exactly one of --speedup S (> 1) and --latency-ms M."""
+    if opts.ratio is not None:
+        raise OnnxpruneError("--ratio does not apply with --target latency: give --speedup S "
+                             "or --latency-ms M")
+    if (opts.speedup is None) == (opts.latency_ms is None):
+        raise OnnxpruneError("--target latency needs exactly one of --speedup S and "
+                             "--latency-ms M")
+    if opts.speedup is not None and not opts.speedup > 1:
+        raise OnnxpruneError(f"--speedup {opts.speedup}: must be greater than 1")
+    if opts.latency_ms is not None and not opts.latency_ms > 0:
+        raise OnnxpruneError(f"--latency-ms {opts.latency_ms}: must be positive")
+    if opts.latency_batch < 1:
+        raise OnnxpruneError(f"--latency-batch {opts.latency_batch}: must be at least 1")
+# --- end of the latency target hook ------------------------------------------------------
 
 
 @dataclass
@@ -68,6 +139,10 @@ class StepRecord:
     scores_seconds: float
     fallbacks: list[str]
     max_abs_diff: float
+    # what the mask search chose: block -> unit kind key -> units removed (the whole module
+    # as its kind with 1), and the units mask rearrangement exchanged
+    search: dict[str, dict[str, int]] = field(default_factory=dict)
+    swaps: int = 0
 
 
 @dataclass
@@ -98,6 +173,8 @@ class Report:
     # key/value caches (past inputs, present outputs) -> their declared shape in the pruned
     # model, so that a runtime can allocate them; empty for models without a cache
     cache_shapes: dict[str, list] = field(default_factory=dict)
+    latency: dict | None = None   # --target latency: requested and measured speed-up
+    reconstruction: ReconstructionReport | None = None   # the kept weights re-fitted
 
     @property
     def drop(self) -> float:
@@ -121,6 +198,8 @@ class Report:
             "excluded": self.excluded,
             "scores": self.scores,
             **({"cache_shapes": self.cache_shapes} if self.cache_shapes else {}),
+            **({"latency": self.latency} if self.latency else {}),
+            "reconstruction": self.reconstruction.to_json() if self.reconstruction else None,
         }
 
 
@@ -141,14 +220,15 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     spec = choose_loss(model, calib.targets, opts.loss, skip=caches)
     data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed)
     loss_before, quality_before = data.evaluate(model, opts.threads)
-    total = prunable_total(first, opts.target)
+    total = opts.prunable(first)
     current, analysis = model, first
     records: list[StepRecord] = []
     units: list[str] = []
     first_scores: dict[str, float] = {}
+    smoother = StepSmoother(opts.ema)
     for step in range(1, opts.steps + 1):
         goal = total * (1 - (1 - opts.ratio) ** (step / opts.steps))
-        budget = goal - (total - prunable_total(analysis, opts.target))
+        budget = goal - (total - opts.prunable(analysis))
         if budget <= 0:
             continue
 
@@ -160,18 +240,28 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                                 seed=opts.seed + step - 1, threads=opts.threads,
                                 progress=tick)
         first_scores = first_scores or scores.units()
-        chosen = select(analysis, scores, kinds, budget, target=opts.target,
-                        round_to=opts.round_to)
+        scores = smoother.smooth(analysis, scores)
+        chosen = opts.select(analysis, scores, kinds, budget)
         plan = make_plan(chosen.units, analysis.structure)
         current, check = cut_verified(analysis, plan)
         data.adapt = cache_adapter(analysis, plan, data.adapt)
-        analysis = analyse(current, fit_static(input_specs(current), opts.shapes))
+        before, analysis = analysis, analyse(current, fit_static(input_specs(current),
+                                                                 opts.shapes))
+        smoother.carry(before, plan, analysis)
         records.append(StepRecord(step, chosen.units,
-                                  1 - prunable_total(analysis, opts.target) / total,
+                                  1 - opts.prunable(analysis) / total,
                                   round(scores.seconds, 3), scores.fallbacks,
-                                  check.max_abs_diff))
+                                  check.max_abs_diff, chosen.counts, chosen.swaps))
         units += [f"step{step}:{u.name}" if opts.steps > 1 else u.name for u in chosen.units]
     check_removed_something(units, opts)
+    # -- reconstruction of the kept weights (onnxprune.reconstruct): once, after the last
+    # verified cut, against the original; the result is proven to be that cut plus the
+    # named weight updates
+    verified = current
+    current, reconstruction = reconstruct(first, analysis, verified, data, opts.reconstruct,
+                                          opts.threads, progress)
+    check_updates(verified, current, reconstruction.updates)
+    # -- end of reconstruction
     loss_after, quality_after = data.evaluate(current, opts.threads)
     report = Report(method, opts.granularity, opts.target, opts.ratio, spec.describe,
                     {"source": calib.source, "samples": calib.n_samples,
@@ -180,7 +270,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                     analysis.structure.flops, loss_before, loss_after, quality_before,
                     quality_after, time.perf_counter() - start, units, records, first_scores,
                     opts.seed, data, [e.to_json() for e in excluded],
-                    cache_shapes(current, first))
+                    cache_shapes(current, first), reconstruction=reconstruction)
     return current, report
 
 

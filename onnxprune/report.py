@@ -151,6 +151,8 @@ def prune_summary(report) -> str:
         for note in step.fallbacks:
             lines.append(f"note: step {step.step}: {note}")
     lines += exclusion_lines(report.excluded)
+    if getattr(report, "reconstruction", None) is not None:
+        lines.append(report.reconstruction.summary())
     worst = max((s.max_abs_diff for s in report.steps), default=0.0)
     lines.append(f"verified exact against the gated original (max |diff| {worst:.2e}); "
                  f"{report.seconds:.1f} s")

@@ -30,9 +30,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("units", ["units", "units.*"]),
     ("rewrites", ["gates", "verify", "surgery", "autodiff", "seed_axis"]),
     ("scores", ["scores.*"]),
-    ("plan", ["plan"]),
+    ("plan", ["plan", "search", "rearrange", "smoothing"]),
     ("stages", ["reconstruct", "reconstruct.*", "pipeline", "report", "bench", "evaluate",
-                "finetune"]),
+                "finetune", "latency"]),
     ("api", ["api", "__init__"]),
     ("cli", ["cli", "__main__"]),
 ]
