@@ -156,13 +156,15 @@ def test_fisher_and_taylor_are_means_over_every_sample():
 
     gate = Gate("g", "attn0", "head", 3, shape=(1, 3), batch_dim=0)
     batches = [np.array([[1.0, -2.0, 0.0], [3.0, 0.5, 0.0]]), np.array([[-1.0, 1.0, 0.0]])]
-    fisher, taylor = GradientStatistic("fisher"), GradientStatistic("taylor")
+    fisher, lim = GradientStatistic("fisher"), GradientStatistic("lim")
+    taylor = GradientStatistic("taylor")
     for g in batches:
-        fisher.update({gate: g})
-        taylor.update({gate: g})
+        for statistic in (fisher, lim, taylor):
+            statistic.update({gate: g})
     every = np.vstack(batches)
-    np.testing.assert_allclose(fisher.signed()[gate], -every.mean(0) + 0.5 * (every ** 2).mean(0))
-    np.testing.assert_allclose(fisher.result()[gate], np.abs(fisher.signed()[gate]))
+    np.testing.assert_allclose(fisher.result()[gate], 0.5 * (every ** 2).mean(0))
+    np.testing.assert_allclose(lim.signed()[gate], -every.mean(0) + 0.5 * (every ** 2).mean(0))
+    np.testing.assert_allclose(lim.result()[gate], np.abs(lim.signed()[gate]))
     np.testing.assert_allclose(taylor.result()[gate], np.abs(every).mean(0))
     assert fisher.result()[gate][2] == 0  # a unit that never fires scores 0
     sketch = fisher.sketches()[gate]          # every sample its own row: the exact Fisher

@@ -40,6 +40,7 @@ from onnxprune.errors import OnnxpruneError  # noqa: E402
 from onnxprune.losses import choose_loss  # noqa: E402
 from onnxprune.pipeline import cut_units  # noqa: E402
 from onnxprune.plan import prunable_total, select  # noqa: E402
+from onnxprune.reconstruct import reconstruct  # noqa: E402
 from onnxprune.scores import check_method, compute_scores  # noqa: E402
 from onnxprune.scores.gradient import GradientPass  # noqa: E402
 from onnxprune.structure.discover import analyse  # noqa: E402
@@ -50,12 +51,13 @@ MODELS = {
     "tsfm": ("models/tsfm_small.onnx", "etth1_train.npz", "etth1_test.npz", "mse"),
     "ast": ("models/ast_fsdd.onnx", "fsdd_train.npz", "fsdd_test.npz", "accuracy"),
 }
-METHODS = ("fisher", "taylor", "send", "ablation", "stat", "magnitude", "random")
+METHODS = ("fisher", "lim", "taylor", "send", "ablation", "stat", "magnitude", "random")
 GRANS = ("module", "head", "channel", "auto")
 RATIOS = (0.2, 0.35, 0.5, 0.7)
 RANDOM_SEEDS = (0, 1, 2)
-GUIDED = ("fisher", "taylor", "ablation")
+GUIDED = ("fisher", "lim", "taylor", "ablation")
 SAMPLES, SEED, EVAL_BATCH = 256, 0, 256
+RECONSTRUCT = "auto"        # --reconstruct: the main job's default; "none" for the cut alone
 ALL_GATES = {"module", "head", "qk", "vo", "ch"}
 
 
@@ -274,7 +276,11 @@ def run_cell(job) -> list[dict]:
             continue
         pruned, check = cut_units(analysis, sel.units)
         params, flops = measure(pruned, s.input_shapes)
-        rec.update(metric=evaluate(pruned, name, data_dir, threads),
+        cut_metric = evaluate(pruned, name, data_dir, threads)
+        if RECONSTRUCT != "none":
+            pruned, _ = reconstruct(analysis, analyse(pruned, s.input_shapes), pruned, data,
+                                    RECONSTRUCT, threads)
+        rec.update(metric=evaluate(pruned, name, data_dir, threads), cut_metric=cut_metric,
                    flops_reduction=1 - flops / s.flops, params_reduction=1 - params / s.params,
                    prunable_removed=sel.fraction, by_kind=sel.by_kind,
                    max_abs_diff=float(check.max_abs_diff))
@@ -293,6 +299,8 @@ def accuracy(args) -> None:
             saved["runs"] = saved.get("runs", []) + more.get("runs", [])
         render(saved, args.out)
         return
+    global RECONSTRUCT
+    RECONSTRUCT = args.reconstruct       # the forked workers see it
     jobs = max(1, args.jobs)
     threads = args.threads or max(1, cores() // jobs)
     todo = cells(args.models, args.methods, args.granularities)
@@ -332,6 +340,8 @@ def aggregate(results: list[dict]) -> dict:
             out[key] = {"metric": float(np.mean([r["metric"] for r in ok])),
                         "flops": float(np.mean([r["flops_reduction"] for r in ok])),
                         "n": len(ok), "std": float(np.std([r["metric"] for r in ok]))}
+            if all("cut_metric" in r for r in ok):
+                out[key]["cut"] = float(np.mean([r["cut_metric"] for r in ok]))
         else:
             out[key] = {"error": recs[0].get("error", "?"), "max": recs[0].get("max_ratio")}
     return out
@@ -365,7 +375,10 @@ def render(saved: dict, out: str | None) -> None:
                         row.append(f"n/a (max {cell['max']:.0%})" if cell["max"] is not None
                                    else "error")
                     else:
-                        row.append(f"{fmt_metric(cell['metric'], kind)} (−{cell['flops']:.0%})")
+                        cut = (f"{fmt_metric(cell['cut'], kind)} → " if "cut" in cell
+                               and cell["cut"] != cell["metric"] else "")
+                        row.append(f"{cut}{fmt_metric(cell['metric'], kind)} "
+                                   f"(−{cell['flops']:.0%})")
                 rows.append(row)
         emit(table(["method", "granularity"] + [f"ratio {r}" for r in ratios], rows), out)
         emit("\n" + verdict(name, agg, ratios), out)
@@ -480,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write raw results here (updated after every cell)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="only render saved --json results (several are merged)")
+    p.add_argument("--reconstruct", choices=["none", "scale", "refit", "auto"],
+                   default="auto", help="after each cut, as the main job (default auto); "
+                                        "cells show cut → reconstructed")
     p = add("latency", latency)
     p.add_argument("--runs", type=int, default=100)
     args = parser.parse_args(argv)

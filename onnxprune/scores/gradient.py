@@ -5,10 +5,15 @@ respect to the gate inputs only; every calibration batch is then one run of that
 which yields the loss of each sample and each sample's ∂L/∂gate.
 
 - ``taylor``: mean over samples of |g| (Michel et al. 2019).
-- ``fisher``: s = −mean_n g + ½·mean_n g² over every calibration sample (the second-order
-  estimate of the loss increase when the gate goes from 1 to 0, with the Fisher
-  approximation of the curvature); its absolute value ranks ("Less is More", Eq. 6). Across
-  progressive steps the signed value is smoothed, s̃ ← α·s + (1−α)·s̃ (``pipeline``).
+- ``fisher``: s = ½·mean_n g² over every calibration sample, the diagonal of the empirical
+  Fisher: the second-order estimate of the loss increase when the gate goes from 1 to 0
+  for a converged model, whose first-order term E[g] is zero (Kwon et al. 2022).
+- ``lim``: s = −mean_n g + ½·mean_n g², the same estimate with the first-order term
+  measured; its absolute value ranks ("Less is More", Eq. 6). On the trained reference
+  models the measured E[g] is mostly noise that cancels the curvature term for some
+  important units (docs/RESULTS.md), hence ``fisher`` as the default.
+  Across progressive steps both signed values are smoothed, s̃ ← α·s + (1−α)·s̃
+  (``pipeline``).
 - ``send``: SPAT's module score from S = ∂L/∂A ⊙ A on each softmax output A (the gradient
   of a whole-tensor gate on A): |S|, softmax over keys, mean over heads, standard deviation
   of each row, mean over rows.
@@ -168,8 +173,9 @@ class GradientStatistic:
         np.add.at(rows, where, signs[:, None] * g)
 
     def signed(self) -> dict[Gate, np.ndarray]:
-        """Per gate the signed statistic: fisher's −mean g + ½ mean g² (the estimated loss
-        increase when the gate goes from 1 to 0), taylor's mean |g|, SEND's mean."""
+        """Per gate the signed statistic: fisher's ½ mean g², lim's −mean g + ½ mean g² (the
+        estimated loss increase when the gate goes from 1 to 0), taylor's mean |g|, SEND's
+        mean."""
         n = max(self.count, 1)
         out = {}
         for gate, sums in self.sums.items():
@@ -179,12 +185,13 @@ class GradientStatistic:
                 out[gate] = sums["abs"] / n
             else:
                 value = 0.5 * sums["g2"] / n
-                out[gate] = value - sums["g"] / n if self.first_order else value
+                first = self.first_order and self.method == "lim"
+                out[gate] = value - sums["g"] / n if first else value
         return out
 
     def result(self) -> dict[Gate, np.ndarray]:
-        """The scores: the signed statistic, fisher's as its absolute value (ranking)."""
-        return {gate: np.abs(value) if self.method == "fisher" and gate.kind != "send"
+        """The scores: the signed statistic, lim's as its absolute value (ranking)."""
+        return {gate: np.abs(value) if self.method == "lim" and gate.kind != "send"
                 else value for gate, value in self.signed().items()}
 
     def sketches(self) -> dict[Gate, GradientSketch]:
@@ -279,10 +286,20 @@ def _with_kinds(context: ScoreContext, kinds: set[UnitKind]) -> ScoreContext:
 
 @register_score
 class Fisher(GradientScore):
-    """|−mean g + ½ mean g²| per unit ("Less is More", Eq. 6)."""
+    """½ mean g² per unit: the diagonal empirical Fisher (Kwon et al. 2022)."""
 
     name = "fisher"
     statistic = "fisher"
+    estimates_loss = True
+
+
+@register_score
+class LessIsMore(GradientScore):
+    """|−mean g + ½ mean g²| per unit ("Less is More", Eq. 6): fisher with the measured
+    first-order term."""
+
+    name = "lim"
+    statistic = "lim"
     estimates_loss = True
 
 
