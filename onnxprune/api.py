@@ -20,8 +20,9 @@ from onnxprune.bench import bench, measure
 from onnxprune.data import CalibrationData, load_or_synthesise
 from onnxprune.errors import OnnxpruneError
 from onnxprune.evaluate import evaluate
-from onnxprune.finetune import finetune
+from onnxprune.finetune import FinetuneOptions, finetune
 from onnxprune.gates import GatedModel, gate_model
+from onnxprune.interleaved import InterleavedRun, prune_during_finetune
 from onnxprune.latency import prune_for_latency
 from onnxprune.losses import choose_loss
 from onnxprune.modelio import load_model
@@ -116,6 +117,31 @@ def prune(model: ModelLike, ratio: float | None = None,
     if opts.target == "latency":   # --- latency target hook (issue 14.5) ---
         return prune_for_latency(model, data, opts, progress)
     return run_prune(model, data, opts, progress)
+
+
+def prune_while_finetuning(model: ModelLike, ratio: float,
+                           train: str | os.PathLike | CalibrationData,
+                           val: str | os.PathLike | CalibrationData | None = None, *,
+                           finetune_steps: int, method: str | ImportanceScore = "fisher",
+                           granularity: str = "auto", samples: int | None = None,
+                           finetune_options: Mapping | None = None, progress=None,
+                           **options
+                           ) -> tuple[onnx.ModelProto, Report, InterleavedRun]:
+    """Prune ``ratio`` in ``steps`` prune steps interleaved with ``finetune_steps`` training
+    steps on ``train`` ("Less is More"; :mod:`onnxprune.interleaved`); scoring uses
+    ``samples`` of the training data. ``finetune_options`` holds other
+    :class:`~onnxprune.finetune.FinetuneOptions` fields (``lr``, ``batch_size``, ...)."""
+    model = _as_model(model)
+    opts = PruneOptions(ratio, method, granularity, **options)
+    opts.check()
+    opts.shapes = complete_shapes(input_specs(model), opts.shapes)
+    tune = FinetuneOptions(steps=finetune_steps, seed=opts.seed, threads=opts.threads,
+                           **dict(finetune_options or {}))
+    tune.check()
+    data = load_or_synthesise(model, train, samples, opts.seed, opts.shapes, split="train")
+    val_data = None if val is None else load_or_synthesise(model, val, seed=opts.seed,
+                                                           split="val")
+    return prune_during_finetune(model, data, val_data, opts, tune, progress)
 
 
 def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = None, *,

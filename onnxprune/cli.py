@@ -84,18 +84,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         check_output_path(args.input, args.report)
     if args.max_drop is not None and args.max_drop < 0:
         raise OnnxpruneError(f"--max-drop {args.max_drop}: must be >= 0")
-    pruned, report = api.prune(
-        load_model(args.input), args.ratio, args.calib, method=args.method,
-        granularity=args.granularity, samples=args.samples, target=args.target,
-        steps=args.steps, round_to=args.round_to, ema=args.ema, seed=args.seed,
-        loss=args.loss, batch_size=args.batch_size, threads=args.threads,
-        shapes=_shapes(args), progress=ProgressBar(args.quiet), reconstruct=args.reconstruct,
-        **_latency_options(args))
+    common = dict(method=args.method, granularity=args.granularity, samples=args.samples,
+                  target=args.target, steps=args.steps, round_to=args.round_to, ema=args.ema,
+                  seed=args.seed, loss=args.loss, batch_size=args.batch_size,
+                  threads=args.threads, shapes=_shapes(args), progress=ProgressBar(args.quiet))
+    if args.ft_schedule == "during":
+        pruned, report, interleaved = _prune_during(args, common)
+    else:
+        pruned, report = api.prune(load_model(args.input), args.ratio, args.calib,
+                                   reconstruct=args.reconstruct, **common,
+                                   **_latency_options(args))
     print(prune_summary(report))
     if report.latency:
         print(latency_line(report.latency))
     extra = {}
-    if args.ft_epochs or args.ft_steps:
+    if args.ft_schedule == "during":
+        extra = {"finetune": interleaved.to_json()}
+    elif args.ft_epochs or args.ft_steps:
         pruned, report, extra = _recover(args, load_model(args.input), pruned, report)
     gate_failed = args.max_drop is not None and report.drop > args.max_drop
     if args.report:
@@ -189,6 +194,27 @@ def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "", dest: str
                    default=0.01)
     g.add_argument(f"--{prefix}patience", dest=f"{dest}patience", type=int, default=3,
                    help="validations without improvement before stopping (default 3)")
+
+
+def _prune_during(args: argparse.Namespace, common: dict):
+    """--finetune-schedule during: prune steps interleaved with the fine-tuning steps."""
+    if not args.ft_steps:
+        raise OnnxpruneError("--finetune-schedule during needs --finetune-steps S")
+    if not args.train:
+        raise OnnxpruneError("--finetune-schedule during needs --train FILE (it also "
+                             "scores on it)")
+    if args.calib:
+        raise OnnxpruneError("--finetune-schedule during scores on --train: drop --calib")
+    if args.target == "latency":
+        raise OnnxpruneError("--finetune-schedule during takes --ratio, not --target latency")
+    tune = _finetune_options(args, "ft_")
+    tune.pop("steps"), tune.pop("epochs"), tune.pop("seed"), tune.pop("threads")
+    pruned, report, run = api.prune_while_finetuning(
+        load_model(args.input), args.ratio, args.train, args.val, finetune_steps=args.ft_steps,
+        finetune_options=tune, **common)
+    _print_finetune(run.final)
+    report.loss_after, report.quality_after = report.calibration.evaluate(pruned)
+    return pruned, report, run
 
 
 def _recover(args: argparse.Namespace, original, pruned, report: Report):
@@ -398,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights to fine-tune: all, norm scales and biases, or those of the "
                         "pruned blocks")
     p.add_argument("--finetune-batch-size", dest="ft_batch_size", type=int, default=32)
+    p.add_argument("--finetune-schedule", dest="ft_schedule", choices=["after", "during"],
+                   default="after",
+                   help="after (default): prune, then fine-tune; during: prune in --steps "
+                        "steps interleaved with the --finetune-steps training steps, scored "
+                        "on --train (\"Less is More\")")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("finetune", help="recovery fine-tuning in ONNX Runtime (no torch)")

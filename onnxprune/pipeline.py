@@ -63,6 +63,9 @@ class PruneOptions:
     latency_provider: str = "cpu"
     costs: CostModel | None = None
     reconstruct: str = "auto"   # none, scale, refit or auto (onnxprune.reconstruct)
+    # pruning during fine-tuning (onnxprune.interleaved): called before each prune step
+    # with the step and the current model, returns it with trained weights (same graph)
+    train_between: Callable[[int, onnx.ModelProto], onnx.ModelProto] | None = None
 
     def check(self) -> None:
         if self.target == "latency" and self.costs is None:
@@ -231,6 +234,9 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
         budget = goal - (total - opts.prunable(analysis))
         if budget <= 0:
             continue
+        if opts.train_between is not None:
+            current = opts.train_between(step, current)
+            analysis = analyse(current, fit_static(input_specs(current), opts.shapes))
 
         def tick(done: int, count: int, step: int = step) -> None:
             if progress:
@@ -258,8 +264,11 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     # verified cut, against the original; the result is proven to be that cut plus the
     # named weight updates
     verified = current
-    current, reconstruction = reconstruct(first, analysis, verified, data, opts.reconstruct,
+    mode = "none" if opts.train_between is not None else opts.reconstruct
+    current, reconstruction = reconstruct(first, analysis, verified, data, mode,
                                           opts.threads, progress)
+    if opts.train_between is not None:   # fitting to the original would undo the training
+        reconstruction.note = "weights were trained between the prune steps"
     check_updates(verified, current, reconstruction.updates)
     # -- end of reconstruction
     loss_after, quality_after = data.evaluate(current, opts.threads)

@@ -68,7 +68,7 @@ class ReconstructionReport:
     def summary(self) -> str:
         """One line for the CLI."""
         if self.mode == "none":
-            return "reconstruction: off (--reconstruct none)"
+            return f"reconstruction: off ({self.note or '--reconstruct none'})"
         applied: dict[str, int] = {}
         for b in self.blocks:
             applied[b.applied] = applied.get(b.applied, 0) + 1

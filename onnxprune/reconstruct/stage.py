@@ -4,7 +4,8 @@ pruned blocks so that each block's output matches the original model's.
 Blocks are taken in topological order; each sees the cut model's real inputs with the
 earlier blocks' updates applied. One ONNX Runtime pass of the original collects every
 block's output; then one pass of the cut model per block collects that block's projection
-input (the projections' weights are fed as inputs, so one session serves every pass).
+input (the projections' weights are fed as inputs, so one session serves every pass; on
+the fit slice a session of the graph's prefix that ends at the block is enough).
 The last calibration batches (about 20 %) are held out: they choose the damping and the
 fit, and measure the model's calibration loss. Under ``auto`` a block keeps its update only
 if the held-out loss of the model does not rise with it.
@@ -19,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.autodiff import DropDeadNodes
 from onnxprune.batches import Feeds, LossBatches
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import LossSpec, numpy_sample_loss
@@ -150,6 +152,7 @@ class _Fitter:
                                                              list(inits[n].dims)) for n in names)
         self.outputs = [o.name for o in model.graph.output]
         extra = {s.input: s.elem_type for s in sites}
+        self.fed, self.threads = fed, threads
         self.session = make_session(_with_outputs(fed, extra), threads=threads)
         self.losses: list[float] = []
 
@@ -192,16 +195,28 @@ class _Fitter:
     def _run(self, inputs: Feeds, extra: list[str]) -> Feeds:
         return run(self.session, {**inputs, **self.params}, self.outputs + extra)
 
+    def _prefix(self, site: OutputProjection):
+        """A session of only the nodes ``site``'s projection input depends on."""
+        prefix = _with_outputs(self.fed, {site.input: site.elem_type})
+        (last,) = [o for o in prefix.graph.output if o.name == site.input]
+        del prefix.graph.output[:]
+        prefix.graph.output.append(last)
+        DropDeadNodes().apply(prefix)
+        return make_session(prefix, threads=self.threads)
+
     def collect(self, site: OutputProjection) -> tuple[Moments, Moments, float]:
         """Moments of the fit and held-out slices for ``site``, and the held-out loss."""
         k, d = self._weight(site).shape
         fit_m, held_m, losses = Moments.zeros(k, d), Moments.zeros(k, d), []
+        prefix = self._prefix(site)
         for i, (inputs, feeds) in enumerate(self.batches):
+            if i < self.first_held:
+                out = run(prefix, {**inputs, **self.params}, [site.input])
+                fit_m.add(out[site.input], self.targets[i][site.output])
+                continue
             out = self._run(inputs, [site.input])
-            held = i >= self.first_held
-            (held_m if held else fit_m).add(out[site.input], self.targets[i][site.output])
-            if held:
-                losses.append(numpy_sample_loss(self.spec, out, feeds))
+            held_m.add(out[site.input], self.targets[i][site.output])
+            losses.append(numpy_sample_loss(self.spec, out, feeds))
         return fit_m, held_m, float(np.concatenate(losses).mean())
 
     def held_loss(self) -> float:

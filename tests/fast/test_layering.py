@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("scores", ["scores.*"]),
     ("plan", ["plan", "search", "rearrange", "smoothing"]),
     ("stages", ["reconstruct", "reconstruct.*", "pipeline", "report", "bench", "evaluate",
-                "finetune", "latency"]),
+                "finetune", "latency", "interleaved"]),
     ("api", ["api", "__init__"]),
     ("cli", ["cli", "__main__"]),
 ]
