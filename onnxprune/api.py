@@ -138,10 +138,11 @@ def prune_while_finetuning(model: ModelLike, ratio: float,
     tune = FinetuneOptions(steps=finetune_steps, seed=opts.seed, threads=opts.threads,
                            **dict(finetune_options or {}))
     tune.check()
-    data = load_or_synthesise(model, train, samples, opts.seed, opts.shapes, split="train")
+    train_data = load_or_synthesise(model, train, None, opts.seed, opts.shapes, split="train")
+    calib = load_or_synthesise(model, train, samples, opts.seed, opts.shapes, split="train")
     val_data = None if val is None else load_or_synthesise(model, val, seed=opts.seed,
                                                            split="val")
-    return prune_during_finetune(model, data, val_data, opts, tune, progress)
+    return prune_during_finetune(model, calib, train_data, val_data, opts, tune, progress)
 
 
 def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = None, *,

@@ -44,14 +44,16 @@ def segment_steps(total: int, prune_steps: int) -> int:
     return total // (prune_steps + 1)
 
 
-def prune_during_finetune(model: onnx.ModelProto, train: CalibrationData,
-                          val: CalibrationData | None, prune: PruneOptions,
-                          tune: FinetuneOptions, progress: Progress | None = None
+def prune_during_finetune(model: onnx.ModelProto, calib: CalibrationData,
+                          train: CalibrationData, val: CalibrationData | None,
+                          prune: PruneOptions, tune: FinetuneOptions,
+                          progress: Progress | None = None
                           ) -> tuple[onnx.ModelProto, Report, InterleavedRun]:
-    """Train, prune, train, ..., train: ``prune.steps`` prune steps within ``tune.steps``."""
+    """Train, prune, train, ..., train: ``prune.steps`` prune steps within ``tune.steps``;
+    each prune step scores on ``calib`` (e.g. a subset of ``train``)."""
     if tune.steps is None:
         raise OnnxpruneError("pruning during fine-tuning needs --finetune-steps (not epochs)")
-    if not train.targets:
+    if not train.targets or not calib.targets:
         raise OnnxpruneError("pruning during fine-tuning needs targets: the training data "
                              "has none")
     segment = segment_steps(tune.steps, prune.steps)
@@ -63,7 +65,7 @@ def prune_during_finetune(model: onnx.ModelProto, train: CalibrationData,
         return fit(current, train, None, opts, _labelled(progress, step)).model
 
     opts = replace(prune, train_between=train_between, reconstruct="none")
-    pruned, report = run_prune(model, train, opts, progress)
+    pruned, report = run_prune(model, calib, opts, progress)
     rest = tune.steps - segment * len(segments)
     final = fit(pruned, train, val, replace(tune, steps=rest), progress)
     return final.model, report, InterleavedRun(segments, final)

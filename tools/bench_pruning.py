@@ -406,7 +406,7 @@ def verdict(name: str, agg: dict, ratios: list[float]) -> str:
                         losses.append(f"{method}/{gran} @ {ratio}: "
                                       f"{fmt_metric(mine['metric'], kind)} vs {base} "
                                       f"{fmt_metric(other['metric'], kind)}")
-    head = f"**{name}**: loss-guided (fisher/taylor/ablation) vs magnitude and random at the " \
+    head = f"**{name}**: loss-guided (fisher/lim/taylor/ablation) vs magnitude and random at the " \
            f"same granularity, ratios ≥ 0.35: {wins} of {wins + len(losses)} comparisons won."
     if not wins and not losses:
         return f"**{name}**: no loss-guided result to compare at ratios ≥ 0.35."

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from onnxprune.bench import measure  # noqa: E402
 from onnxprune.data import load_calibration  # noqa: E402
 from onnxprune.finetune import FinetuneOptions, fit  # noqa: E402
+from onnxprune.interleaved import prune_during_finetune  # noqa: E402
 from onnxprune.pipeline import PruneOptions, run_prune  # noqa: E402
 from onnxprune.runtime import make_session, run  # noqa: E402
 
@@ -87,7 +88,26 @@ def forecaster(args, name: str, settings: list[tuple[str, float, str, str]]) -> 
         rows.append(row(f"{label}, then fine-tuning", tuned, test, args.threads, base_flops,
                         {**pinfo, **info}))
         print(json.dumps(rows[-1]), flush=True)
+        if args.during:
+            tuned, info = during(model, calib, train, val, ratio, granularity, method, args)
+            rows.append(row(f"{label}, pruned during fine-tuning ({args.during} prune steps)",
+                            tuned, test, args.threads, base_flops, info))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def during(model, calib, train, val, ratio, granularity, method, args):
+    """"Less is More" as coded: --during K prune steps interleaved with the same training
+    steps (scored on the same 256 training windows as the other rows)."""
+    start = time.perf_counter()
+    opts = PruneOptions(ratio, method, granularity, steps=args.during, seed=args.seed,
+                        threads=args.threads)
+    tune = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch,
+                           eval_every=max(args.steps // 5, 1), patience=100, seed=args.seed,
+                           threads=args.threads)
+    tuned, report, run_ = prune_during_finetune(model, calib, train, val, opts, tune)
+    return tuned, {"ft_seconds": round(time.perf_counter() - start, 1),
+                   "best_step": run_.final.best_step, "removed": len(report.removed)}
 
 
 def ast(args) -> list[dict]:
@@ -147,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="scores for the tsfm experiment (default fisher)")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.35, 0.5],
                    help="ratios for the tsfm experiment")
+    p.add_argument("--during", type=int, default=0, metavar="K",
+                   help="tsfm: also prune during fine-tuning in K prune steps within the "
+                        "same --steps (\"Less is More\" as coded)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     if args.experiment == "tsfm":
