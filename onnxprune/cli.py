@@ -207,6 +207,9 @@ def _prune_during(args: argparse.Namespace, common: dict):
         raise OnnxpruneError("--finetune-schedule during scores on --train: drop --calib")
     if args.target == "latency":
         raise OnnxpruneError("--finetune-schedule during takes --ratio, not --target latency")
+    if args.finetune_only != "all":
+        raise OnnxpruneError("--finetune-schedule during trains every weight: drop "
+                             "--finetune-only")
     tune = _finetune_options(args, "ft_")
     tune.pop("steps"), tune.pop("epochs"), tune.pop("seed"), tune.pop("threads")
     pruned, report, run = api.prune_while_finetuning(

@@ -51,3 +51,27 @@ def test_too_few_training_steps_and_no_targets_are_refused():
         onnxprune.prune_while_finetuning(model, 0.4, CalibrationData(inputs.inputs,
                                                                      fixed_batch=2),
                                          finetune_steps=6, steps=2, method="magnitude")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "needs --finetune-steps"),
+    (["--finetune-steps", "6"], "needs --train"),
+    (["--finetune-steps", "6", "--train", "T", "--finetune-only", "norms"], "trains every weight"),
+    (["--finetune-steps", "6", "--train", "T", "--calib", "T"], "drop --calib"),
+])
+def test_the_cli_refuses_incomplete_requests_and_writes_nothing(tmp_path, capsys, extra,
+                                                                message):
+    import onnx
+
+    from onnxprune.cli import main
+
+    model = attention_then_ffn()
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    data = _data(model)
+    np.savez(tmp_path / "t.npz", x=data.inputs["x"], out=data.targets["out"])
+    extra = [str(tmp_path / "t.npz") if a == "T" else a for a in extra]
+    code = main([str(src), str(out), "--ratio", "0.4", "--finetune-schedule", "during",
+                 "--quiet", *extra])
+    assert code == 2 and not out.exists()
+    assert message in capsys.readouterr().err
