@@ -113,7 +113,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-def _providers(provider: str) -> list[str]:
+def provider_list(provider: str) -> list[str]:
+    """The providers a session gets for ``provider``: it, then the CPU as fallback."""
     return [provider] if provider == _ORT_NAMES["cpu"] else [provider, _ORT_NAMES["cpu"]]
 
 
@@ -213,7 +214,7 @@ def bench(
             feeds = [synthetic_feeds(m.specs, feeds_shapes[i, b]) for i, m in enumerate(loaded)]
             say(f"timing {len(loaded)} model(s) at batch {b}, {t} thread(s): {warmup} warm-up "
                 f"+ {runs} timed runs each, interleaved")
-            times = _interleaved(sessions, feeds, int(warmup), int(runs))
+            times = interleaved_times(sessions, feeds, int(warmup), int(runs))
             group = []
             for i, m in enumerate(loaded):
                 params, flops = costs[i, b]
@@ -229,13 +230,13 @@ def bench(
 def _session(m: _Model, threads: int, provider: str) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(m.path, session_options(threads),
-                                    providers=_providers(provider))
+                                    providers=provider_list(provider))
     except Exception as exc:  # onnxruntime raises several types
         raise OnnxpruneError(f"{m.path}: ONNX Runtime cannot load the model: "
                              f"{_first_line(exc)}") from exc
 
 
-def _interleaved(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.ndarray]],
+def interleaved_times(sessions: list[ort.InferenceSession], feeds: list[dict[str, np.ndarray]],
                  warmup: int, runs: int) -> list[np.ndarray]:
     """Seconds per run of each session; runs alternate between the sessions."""
     order = list(range(len(sessions)))
@@ -353,7 +354,7 @@ def peak_memory(m: _Model, shapes: Mapping[str, tuple[int, ...]], threads: int,
             fill = 1 if "mask" in spec.name.lower() else 0
         inputs.append((spec.name, dtype, list(shapes[spec.name]), fill))
     job = {"model": os.path.abspath(m.path), "threads": int(threads), "runs": MEMORY_RUNS,
-           "providers": _providers(provider), "inputs": inputs}
+           "providers": provider_list(provider), "inputs": inputs}
     try:
         done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(job)],
                               capture_output=True, text=True, timeout=900, check=False)

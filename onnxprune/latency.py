@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.bench import resolve_provider, session_options
+from onnxprune.bench import interleaved_times, provider_list, resolve_provider, session_options
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
 from onnxprune.input_roles import input_roles
@@ -190,12 +190,10 @@ class LatencyTable:
 # --- timing ------------------------------------------------------------------------------
 
 def _session(model: onnx.ModelProto, setting: LatencySetting) -> ort.InferenceSession:
-    provider = resolve_provider(setting.provider)
-    providers = [provider] + ([] if provider == "CPUExecutionProvider"
-                              else ["CPUExecutionProvider"])
     try:
         return ort.InferenceSession(model.SerializeToString(),
-                                    session_options(setting.threads), providers=providers)
+                                    session_options(setting.threads),
+                                    providers=provider_list(resolve_provider(setting.provider)))
     except Exception as exc:  # onnxruntime raises several types
         raise OnnxpruneError(f"ONNX Runtime cannot load a model to time: "
                              f"{str(exc).splitlines()[0] if str(exc) else exc}") from exc
@@ -208,17 +206,9 @@ def time_against(reference: onnx.ModelProto, others: list[onnx.ModelProto],
     other model's time is the median of its per-round ratio to the reference times the
     reference's median."""
     models = [reference, *others]
-    sessions = [_session(m, setting) for m in models]
-    feeds = [setting.feeds(m) for m in models]
-    for _ in range(setting.warmup):
-        for session, feed in zip(sessions, feeds):
-            session.run(None, feed)
-    times = np.zeros((len(models), setting.runs))
-    for r in range(setting.runs):
-        for i, (session, feed) in enumerate(zip(sessions, feeds)):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[i, r] = time.perf_counter() - start
+    times = interleaved_times([_session(m, setting) for m in models],
+                              [setting.feeds(m) for m in models], setting.warmup,
+                              setting.runs)
     full = float(np.median(times[0])) * 1e3
     return full, [full * float(np.median(t / times[0])) for t in times[1:]]
 

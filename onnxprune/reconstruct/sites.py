@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.errors import OnnxpruneError
 from onnxprune.structure.blocks import Block
@@ -39,11 +38,6 @@ class OutputProjection:
     output: str
     groups: np.ndarray | None
     elem_type: int                      # of the weight, the projection's input and output
-
-    def weight_value(self, model: onnx.ModelProto) -> np.ndarray:
-        """The effective ``[K, D]`` weight in float64."""
-        value = initializer(model, self.weight).astype(np.float64)
-        return value.T if self.transposed else value
 
 
 @dataclass
@@ -74,10 +68,6 @@ class _Graph:
                 and int(np.prod(self.inits[other[0]].dims)) == width:
             return users[0], other[0]
         return None
-
-
-def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
 
 
 def find_projections(original: Analysis, cut: Analysis

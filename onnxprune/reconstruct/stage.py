@@ -115,10 +115,6 @@ def _with_outputs(model: onnx.ModelProto, outputs: dict[str, int]) -> onnx.Model
     return out
 
 
-def _elem_type(model: onnx.ModelProto, initializer: str) -> int:
-    return next(t.data_type for t in model.graph.initializer if t.name == initializer)
-
-
 def _original_outputs(model: onnx.ModelProto, sites: list[OutputProjection],
                       batches: list[tuple[Feeds, Feeds]], threads: int) -> list[Feeds]:
     """Per calibration batch, every block's output in the original model."""

@@ -84,11 +84,15 @@ def counted(monkeypatch):
     return calls
 
 
-def test_a_table_is_measured_once_then_read_from_the_cache(counted):
+@pytest.fixture
+def head_timing():
+    """A model, its analysis, the head kind and a 1-thread setting: what a table is for."""
     model = attention_model()
-    analysis = analyse(model)
-    kinds = {unit_kind("head")}
-    setting = LatencySetting(threads=1, batch=BATCH)
+    return model, analyse(model), {unit_kind("head")}, LatencySetting(threads=1, batch=BATCH)
+
+
+def test_a_table_is_measured_once_then_read_from_the_cache(counted, head_timing):
+    model, analysis, kinds, setting = head_timing
     first = latency_table(model, analysis, kinds, setting)
     again = latency_table(model, analysis, kinds, setting)
     assert (first.source, again.source) == ("measured", "cached")
@@ -100,11 +104,8 @@ def test_a_table_is_measured_once_then_read_from_the_cache(counted):
     assert changed.source == "measured" and len(counted) == 3
 
 
-def test_a_corrupted_cache_entry_is_measured_again(counted):
-    model = attention_model()
-    analysis = analyse(model)
-    kinds = {unit_kind("head")}
-    setting = LatencySetting(threads=1, batch=BATCH)
+def test_a_corrupted_cache_entry_is_measured_again(counted, head_timing):
+    model, analysis, kinds, setting = head_timing
     table = latency_table(model, analysis, kinds, setting)
     files = list(latency.cache_dir().glob("latency-*.json"))
     assert len(files) == 1
