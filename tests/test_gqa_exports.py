@@ -1,4 +1,4 @@
-"""Grouped-query attention in Hugging Face Llama and Qwen2 exports (issue 13): discovery of
+"""Grouped-query attention in Hugging Face Llama, Qwen2 and Gemma exports (issue 13): discovery of
 the KV groups, exact cuts of a KV group (``attn{i}.kv{g}``) and of query heads inside their
 groups, through rotary embeddings, with both torch exporters, against the torch model with
 the removed heads' output-projection input columns zeroed (an oracle independent of the
@@ -45,14 +45,23 @@ class Wrapped(nn.Module):
 
 
 def build(name: str) -> nn.Module:
-    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
+    from transformers import (
+        GemmaConfig,
+        GemmaModel,
+        LlamaConfig,
+        LlamaModel,
+        Qwen2Config,
+        Qwen2Model,
+    )
 
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaModel),
-                             "qwen2": (Qwen2Config, Qwen2Model)}[name]
+                             "qwen2": (Qwen2Config, Qwen2Model),
+                             "gemma": (GemmaConfig, GemmaModel)}[name]
     cfg = config_cls(vocab_size=50, hidden_size=HIDDEN, intermediate_size=128,
                      num_hidden_layers=2, num_attention_heads=HEADS,
-                     num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                     use_cache=False, attn_implementation="eager")
+                     num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                     max_position_embeddings=64, use_cache=False,
+                     attn_implementation="eager")
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
     with torch.no_grad():   # weights large enough that every head matters in the output
@@ -96,7 +105,8 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
+CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True),
+         ("gemma", False), ("gemma", True)]     # Gemma: gated tanh-GELU, (1 + w) RMSNorm
 
 
 @pytest.fixture(scope="module")
