@@ -10,7 +10,7 @@ the curvature of the distillation loss (:meth:`LossBatches.gradient_batches`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -26,33 +26,44 @@ from onnxprune.losses import (
     target_feeds,
     target_name,
 )
-from onnxprune.runtime import make_session, run
+from onnxprune.runtime import make_session, run, with_outputs
 
 Feeds = dict[str, np.ndarray]
 
 
 class LossBatches:
     """The calibration data cut into batches of ``(inputs, loss-target feeds)``, with the
-    original ``model``'s outputs on every batch; calling it returns the batches."""
+    original ``model``'s outputs on every batch; calling it returns the batches.
+
+    ``probes`` (tensor name -> element type) are intermediate tensors of ``model`` kept per
+    batch from the same pass (``probed``): reconstruction's targets, without a second run
+    of the original."""
 
     def __init__(self, model: onnx.ModelProto, calib: CalibrationData, spec: LossSpec,
-                 batch_size: int, threads: int, seed: int = 0):
+                 batch_size: int, threads: int, seed: int = 0,
+                 probes: Mapping[str, int] | None = None):
         self.spec = spec
         self.seed = seed
         # maps the calibration inputs to the inputs of the model now scored and evaluated
         # (after a cut that shrank a key/value cache input: that input with the removed
         # heads' entries deleted); None while they fit the model as they are
         self.adapt: Callable[[Feeds], Feeds] | None = None
-        session = make_session(model, threads=threads)
+        outputs = [o.name for o in model.graph.output]
+        probes = {n: t for n, t in (probes or {}).items() if n not in outputs}
+        session = make_session(with_outputs(model, probes) if probes else model,
+                               threads=threads)
         self.batches: list[tuple[Feeds, Feeds]] = []
         self.raw_targets: list[Feeds] = []
         self.reference: list[Feeds] = []
+        self.probed: list[Feeds] = []
         for inputs, targets in calib.batches(batch_size):
-            outputs = run(session, inputs)
-            _check_finite(outputs)
-            self.batches.append((inputs, target_feeds(spec, targets, outputs)))
+            values = run(session, inputs, outputs + list(probes))
+            out = {n: values[n] for n in outputs}
+            _check_finite(out)
+            self.batches.append((inputs, target_feeds(spec, targets, out)))
             self.raw_targets.append(targets)
-            self.reference.append(outputs)
+            self.reference.append(out)
+            self.probed.append(values)
 
     def __call__(self) -> list[tuple[Feeds, Feeds]]:
         if self.adapt is None:
@@ -71,11 +82,15 @@ class LossBatches:
     def evaluate(self, model: onnx.ModelProto, threads: int = 0) -> tuple[float, Quality]:
         """Mean calibration loss and the quality figure of ``model``."""
         session = make_session(model, threads=threads)
-        losses, outputs = [], []
-        for inputs, feeds in self():
-            out = run(session, inputs)
-            losses.append(numpy_sample_loss(self.spec, out, feeds))
-            outputs.append(out)
+        return self._measure([run(session, inputs) for inputs, _ in self()])
+
+    def evaluate_original(self) -> tuple[float, Quality]:
+        """:meth:`evaluate` of the original model, from the outputs kept at loading."""
+        return self._measure(self.reference)
+
+    def _measure(self, outputs: list[Feeds]) -> tuple[float, Quality]:
+        losses = [numpy_sample_loss(self.spec, out, feeds)
+                  for out, (_, feeds) in zip(outputs, self.batches)]
         joined = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
         targets = {k: np.concatenate([t[k] for t in self.raw_targets])
                    for k in (self.raw_targets[0] if self.raw_targets else {})}

@@ -22,7 +22,13 @@ from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import Quality, choose_loss
 from onnxprune.plan import Exclusion, Selection, exclusions, prunable_total, select
-from onnxprune.reconstruct import ReconstructionReport, check_mode, check_updates, reconstruct
+from onnxprune.reconstruct import (
+    ReconstructionReport,
+    block_outputs,
+    check_mode,
+    check_updates,
+    reconstruct,
+)
 from onnxprune.scores import (
     ImportanceScore,
     Scores,
@@ -221,8 +227,10 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     check_something_to_prune(first, kinds, excluded, opts.target)
     caches = {out for b in first.structure.attention for out in b.cache.values()}
     spec = choose_loss(model, calib.targets, opts.loss, skip=caches)
-    data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed)
-    loss_before, quality_before = data.evaluate(model, opts.threads)
+    refits = opts.reconstruct != "none" and opts.train_between is None
+    data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed,
+                       probes=dict(block_outputs(first).values()) if refits else None)
+    loss_before, quality_before = data.evaluate_original()
     total = opts.prunable(first)
     current, analysis = model, first
     records: list[StepRecord] = []
@@ -264,9 +272,10 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     # verified cut, against the original; the result is proven to be that cut plus the
     # named weight updates
     verified = current
-    mode = "none" if opts.train_between is not None else opts.reconstruct
-    current, reconstruction = reconstruct(first, analysis, verified, data, mode,
+    current, reconstruction = reconstruct(first, analysis, verified, data,
+                                          opts.reconstruct if refits else "none",
                                           opts.threads, progress)
+    data.probed = []                     # the original's block outputs: no longer needed
     if opts.train_between is not None:   # fitting to the original would undo the training
         reconstruction.note = "weights were trained between the prune steps"
     check_updates(verified, current, reconstruction.updates)

@@ -88,6 +88,16 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
     return dict(zip(names, values))
 
 
+def with_outputs(model: onnx.ModelProto, outputs: Mapping[str, int]) -> onnx.ModelProto:
+    """A copy that also returns the tensors ``outputs`` (name -> element type)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    out.graph.output.extend(helper.make_tensor_value_info(n, t, None)
+                            for n, t in outputs.items() if n not in have)
+    return out
+
+
 def probe_model(model: onnx.ModelProto, names: list[str] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the intermediate tensors ``names`` (all of them
     when None)."""

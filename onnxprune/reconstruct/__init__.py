@@ -3,8 +3,9 @@ on the kept weights of the pruned blocks' output projections, kept only where th
 and the check that the written model is the verified cut with exactly those updates."""
 
 from onnxprune.reconstruct.outcome import MODES, BlockReconstruction, ReconstructionReport
+from onnxprune.reconstruct.sites import block_outputs
 from onnxprune.reconstruct.stage import check_mode, reconstruct
 from onnxprune.reconstruct.updates import apply_updates, check_updates
 
-__all__ = ["MODES", "BlockReconstruction", "ReconstructionReport", "apply_updates",
+__all__ = ["MODES", "BlockReconstruction", "ReconstructionReport", "apply_updates", "block_outputs",
            "check_mode", "check_updates", "reconstruct"]

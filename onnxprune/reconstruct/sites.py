@@ -70,6 +70,36 @@ class _Graph:
         return None
 
 
+def block_outputs(original: Analysis) -> dict[str, tuple[str, int]]:
+    """Block name -> the tensor reconstruction fits to (the output of the block's output
+    projection, after its bias) and its element type, for every block with a MatMul/Gemm
+    projection on an initializer weight: what the original's calibration pass keeps."""
+    graph = _Graph(original.model)
+    found = {}
+    for block in original.structure.blocks:
+        if block.flow is None or not block.flow.sinks:
+            continue
+        node = graph.nodes.get(block.flow.sinks[0].node)
+        if node is None or node.op_type not in ("MatMul", "Gemm") \
+                or len(node.input) < 2 or node.input[1] not in graph.inits:
+            continue
+        init = graph.inits[node.input[1]]
+        if len(init.dims) != 2:
+            continue
+        transposed = node.op_type == "Gemm" and _attr(node, "transB", 0) == 1
+        found[block.name] = (_output(node, graph, init.dims[0 if transposed else 1]),
+                             init.data_type)
+    return found
+
+
+def _output(node: onnx.NodeProto, graph: _Graph, width: int) -> str:
+    """The projection's output after its bias (Gemm's C, or a following Add's constant)."""
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in graph.inits:
+        return node.output[0]
+    found = graph.bias_add(node, width)
+    return node.output[0] if found is None else found[0].output[0]
+
+
 def find_projections(original: Analysis, cut: Analysis
                      ) -> tuple[list[OutputProjection], list[Skipped]]:
     """The output projection of every block of ``original`` whose kept rows the cut
@@ -102,7 +132,8 @@ def _projection(block: Block, orig: _Graph, graph: _Graph, groups: np.ndarray | 
         if orig.nodes[node.name].input[1] in orig.inits else dims
     if (before[1] if transposed else before[0]) == rows:
         return Skipped(block.name, "")                 # not cut by units: nothing to refit
-    bias, output = _bias_and_output(node, graph, orig, width)
+    bias = _bias(node, graph, width)
+    output = _output(orig.nodes[node.name], orig, width)
     if bias is not None and _shared(bias, graph):
         return Skipped(block.name, f"bias {bias!r} is shared by several nodes")
     if groups is not None and len(groups) != rows:
@@ -141,17 +172,12 @@ def _vector(name: str, graph: _Graph, width: int) -> bool:
     return name in graph.inits and int(np.prod(graph.inits[name].dims)) == width
 
 
-def _bias_and_output(node: onnx.NodeProto, graph: _Graph, orig: _Graph, width: int
-                     ) -> tuple[str | None, str]:
-    """The bias initializer (Gemm's C, or a following Add's constant) and the block output
-    tensor in the original model (after that bias)."""
+def _bias(node: onnx.NodeProto, graph: _Graph, width: int) -> str | None:
+    """The bias initializer: Gemm's C, or a following Add's constant."""
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in graph.inits:
-        return node.input[2], orig.nodes[node.name].output[0]
+        return node.input[2]
     found = graph.bias_add(node, width)
-    if found is None:
-        return None, orig.nodes[node.name].output[0]
-    add, bias = found
-    return bias, orig.nodes[add.name].output[0] if add.name in orig.nodes else add.output[0]
+    return None if found is None else found[1]
 
 
 def _shared(name: str, graph: _Graph) -> bool:

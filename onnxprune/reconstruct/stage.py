@@ -3,9 +3,10 @@ pruned blocks so that each block's output matches the original model's.
 
 Blocks are taken in topological order; each sees the cut model's real inputs with the
 earlier blocks' updates applied. One ONNX Runtime pass of the original collects every
-block's output; then one pass of the cut model per block collects that block's projection
-input (the projections' weights are fed as inputs, so one session serves every pass; on
-the fit slice a session of the graph's prefix that ends at the block is enough).
+block's output; the cut model (its projections' weights fed as inputs) is cut into
+segments, one ending at each block's projection, and the values crossing each cut are kept
+per batch, so the fitting walks through the cut model once; only the held-out loss after
+each block runs the rest of the graph on the held-out batches.
 The last calibration batches (about 20 %) are held out: they choose the damping and the
 fit, and measure the model's calibration loss. Under ``auto`` a block keeps its update only
 if the held-out loss of the model does not rise with it.
@@ -20,15 +21,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.autodiff import DropDeadNodes
 from onnxprune.batches import Feeds, LossBatches
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import LossSpec, numpy_sample_loss
 from onnxprune.reconstruct.outcome import MODES, BlockReconstruction, ReconstructionReport
+from onnxprune.reconstruct.segments import Segments
 from onnxprune.reconstruct.sites import OutputProjection, find_projections
 from onnxprune.reconstruct.solve import Fit, Moments, Problem, best, candidates, error
 from onnxprune.reconstruct.updates import apply_updates
-from onnxprune.runtime import make_session, run
+from onnxprune.runtime import make_session, run, with_outputs
 from onnxprune.structure.discover import Analysis
 
 Progress = Callable[[str, int, int], None]
@@ -64,7 +65,7 @@ def reconstruct(original: Analysis, cut: Analysis, model: onnx.ModelProto, data:
                        "or a smaller batch size")
         report.seconds = time.perf_counter() - start
         return model, report
-    targets = _original_outputs(original.model, projections, data.batches, threads)
+    targets = _original_outputs(original.model, projections, data, threads)
     fitter = _Fitter(model, projections, data.spec, batches, targets, report.held_out, threads)
     report.blocks += _fit_blocks(fitter, projections, METHODS[mode], mode == "auto", progress)
     report.loss_before, report.loss_after = fitter.losses[0], fitter.losses[-1]
@@ -82,14 +83,15 @@ def _fit_blocks(fitter: _Fitter, sites: list[OutputProjection], methods: tuple[s
     for i, site in enumerate(sites):
         if progress:
             progress("reconstruct", i, len(sites))
-        fit_m, held_m, loss = fitter.collect(site)
+        fit_m, held_m, loss = fitter.collect(i, site)
         if guard and records and fitter.revert_if_worse(records[-1], loss):
-            fit_m, held_m, loss = fitter.collect(site)
+            fit_m, held_m, loss = fitter.collect(i, site)
         fitter.losses.append(loss)
         records.append(fitter.fit(site, fit_m, held_m, methods))
-    loss = fitter.held_loss()
+        fitter.next_block()
+    loss = fitter.held_loss(len(sites))
     if guard and fitter.revert_if_worse(records[-1], loss):
-        loss = fitter.held_loss()
+        loss = fitter.held_loss(len(sites))
     fitter.losses.append(loss)
     if progress:
         progress("reconstruct", len(sites), len(sites))
@@ -105,34 +107,31 @@ def _order(analysis: Analysis, block: str) -> int:
     return [b.name for b in analysis.structure.blocks].index(block)
 
 
-def _with_outputs(model: onnx.ModelProto, outputs: dict[str, int]) -> onnx.ModelProto:
-    """A copy that also returns the tensors ``outputs`` (name -> element type)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    out.graph.output.extend(helper.make_tensor_value_info(n, t, None)
-                            for n, t in outputs.items() if n not in have)
-    return out
-
-
 def _original_outputs(model: onnx.ModelProto, sites: list[OutputProjection],
-                      batches: list[tuple[Feeds, Feeds]], threads: int) -> list[Feeds]:
-    """Per calibration batch, every block's output in the original model."""
+                      data: LossBatches, threads: int) -> list[Feeds]:
+    """Per calibration batch, every block's output in the original model: those the
+    calibration pass kept (``data.probed``), else from a pass of their own."""
     names = {s.output: s.elem_type for s in sites}
-    session = make_session(_with_outputs(model, names), threads=threads)
-    return [run(session, inputs, list(names)) for inputs, _ in batches]
+    if all(n in probed for probed in data.probed for n in names):
+        return data.probed
+    session = make_session(with_outputs(model, names), threads=threads)
+    return [run(session, inputs, list(names)) for inputs, _ in data.batches]
 
 
 class _Fitter:
     """The cut model with the projections' weights and biases as inputs, the current
     value of each, and the held-out losses measured so far (``losses[i]``: with the updates
-    of the blocks before block i)."""
+    of the blocks before block i).
+
+    The graph is cut before each projection (:class:`Segments`); ``before`` holds, per
+    batch, the values crossing the cut before the block being fitted, ``at`` those at its
+    own projection, so each block costs one segment of the graph, not a pass."""
 
     def __init__(self, model: onnx.ModelProto, sites: list[OutputProjection],
                  spec: LossSpec, batches: list[tuple[Feeds, Feeds]], targets: list[Feeds],
                  held_out: int, threads: int):
         self.spec = spec
-        self.batches = batches
+        self.labels = [feeds for _, feeds in batches]
         self.targets = targets
         self.first_held = len(batches) - held_out
         inits = {t.name: t for t in model.graph.initializer}
@@ -146,10 +145,9 @@ class _Fitter:
         fed.graph.initializer.extend(kept)
         fed.graph.input.extend(helper.make_tensor_value_info(n, inits[n].data_type,
                                                              list(inits[n].dims)) for n in names)
-        self.outputs = [o.name for o in model.graph.output]
-        extra = {s.input: s.elem_type for s in sites}
-        self.fed, self.threads = fed, threads
-        self.session = make_session(_with_outputs(fed, extra), threads=threads)
+        self.segments = Segments(fed, [s.node for s in sites], set(names), threads)
+        self.before: list[Feeds] = [dict(inputs) for inputs, _ in batches]
+        self.at: list[Feeds] = []
         self.losses: list[float] = []
 
     def updates(self) -> dict[str, np.ndarray]:
@@ -188,36 +186,27 @@ class _Fitter:
         return True
 
     # -- runs -----------------------------------------------------------------------------
-    def _run(self, inputs: Feeds, extra: list[str]) -> Feeds:
-        return run(self.session, {**inputs, **self.params}, self.outputs + extra)
-
-    def _prefix(self, site: OutputProjection):
-        """A session of only the nodes ``site``'s projection input depends on."""
-        prefix = _with_outputs(self.fed, {site.input: site.elem_type})
-        (last,) = [o for o in prefix.graph.output if o.name == site.input]
-        del prefix.graph.output[:]
-        prefix.graph.output.append(last)
-        DropDeadNodes().apply(prefix)
-        return make_session(prefix, threads=self.threads)
-
-    def collect(self, site: OutputProjection) -> tuple[Moments, Moments, float]:
-        """Moments of the fit and held-out slices for ``site``, and the held-out loss."""
+    def collect(self, i: int, site: OutputProjection) -> tuple[Moments, Moments, float]:
+        """Run every batch through segment ``i`` (to ``site``'s projection): the moments of
+        the fit and held-out slices for ``site``, and the held-out loss of the model."""
         k, d = self._weight(site).shape
-        fit_m, held_m, losses = Moments.zeros(k, d), Moments.zeros(k, d), []
-        prefix = self._prefix(site)
-        for i, (inputs, feeds) in enumerate(self.batches):
-            if i < self.first_held:
-                out = run(prefix, {**inputs, **self.params}, [site.input])
-                fit_m.add(out[site.input], self.targets[i][site.output])
-                continue
-            out = self._run(inputs, [site.input])
-            held_m.add(out[site.input], self.targets[i][site.output])
-            losses.append(numpy_sample_loss(self.spec, out, feeds))
-        return fit_m, held_m, float(np.concatenate(losses).mean())
+        fit_m, held_m = Moments.zeros(k, d), Moments.zeros(k, d)
+        self.at = [self.segments.advance(i, values, self.params) for values in self.before]
+        for b, values in enumerate(self.at):
+            (fit_m if b < self.first_held else held_m).add(values[site.input],
+                                                           self.targets[b][site.output])
+        return fit_m, held_m, self.held_loss(i + 1)
 
-    def held_loss(self) -> float:
-        losses = [numpy_sample_loss(self.spec, self._run(inputs, []), feeds)
-                  for inputs, feeds in self.batches[self.first_held:]]
+    def next_block(self) -> None:
+        self.before = self.at
+
+    def held_loss(self, segment: int) -> float:
+        """The model's loss on the held-out batches, from the values at the start of
+        ``segment`` (``at``) with the current weights."""
+        losses = [numpy_sample_loss(self.spec, self.segments.finish(segment, values,
+                                                                    self.params), labels)
+                  for values, labels in zip(self.at[self.first_held:],
+                                            self.labels[self.first_held:])]
         return float(np.concatenate(losses).mean())
 
     # -- the projection's values ----------------------------------------------------------

@@ -12,9 +12,15 @@ from opgraphs import attention_model, feeds, run
 from test_search import attention_then_ffn
 
 import onnxprune
+from onnxprune.batches import LossBatches
+from onnxprune.data import load_or_synthesise
 from onnxprune.errors import OnnxpruneError, VerificationError
-from onnxprune.reconstruct import apply_updates, check_updates
+from onnxprune.losses import choose_loss
+from onnxprune.reconstruct import apply_updates, block_outputs, check_updates
 from onnxprune.reconstruct.solve import Moments, Problem, candidates, error
+from onnxprune.runtime import make_session, with_outputs
+from onnxprune.runtime import run as own_run
+from onnxprune.structure.discover import analyse
 
 K, D, N = 6, 4, 200
 
@@ -182,3 +188,22 @@ def test_the_check_catches_a_changed_graph(updated):
     changed.graph.node[0].name = "renamed"
     with pytest.raises(VerificationError, match="changed the graph"):
         check_updates(cut, changed, updates)
+
+
+def test_the_calibration_pass_keeps_the_original_block_outputs():
+    """The targets come from the pass that loads the calibration data (no second run of the
+    original), equal a run of their own, and the original's loss needs no pass either."""
+    model = attention_then_ffn(32)
+    data = load_or_synthesise(model, None, 24, 0, None)
+    spec = choose_loss(model, data.targets, None)
+    probes = dict(block_outputs(analyse(model)).values())
+    assert len(probes) == 2                                   # attention and FFN outputs
+    batches = LossBatches(model, data, spec, 8, 0, probes=probes)
+    plain = LossBatches(model, data, spec, 8, 0)
+    assert plain.probed and not set(probes) & set(plain.probed[0])
+    session = make_session(with_outputs(model, probes))
+    for (inputs, _), kept in zip(batches(), batches.probed):
+        for name, value in own_run(session, inputs, list(probes)).items():
+            np.testing.assert_allclose(kept[name], value, rtol=1e-6, atol=1e-6)
+    loss, quality = batches.evaluate_original()
+    assert (loss, quality) == batches.evaluate(model)
