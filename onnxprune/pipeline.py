@@ -22,6 +22,7 @@ from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import Quality, choose_loss
 from onnxprune.plan import Exclusion, Selection, exclusions, prunable_total, select
+from onnxprune.progress import stage_done
 from onnxprune.reconstruct import (
     ReconstructionReport,
     block_outputs,
@@ -220,6 +221,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     kinds = check_method(opts.method, opts.granularity)
     method = resolve_score(opts.method).name
     first = analyse(model, opts.shapes)
+    since = stage_done(progress, "discover", start)
     if not first.structure.attention:
         raise OnnxpruneError("no attention blocks found: onnxprune prunes transformer "
                              "attention and feed-forward blocks")
@@ -231,6 +233,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed,
                        probes=dict(block_outputs(first).values()) if refits else None)
     loss_before, quality_before = data.evaluate_original()
+    since = stage_done(progress, "baseline", since)
     total = opts.prunable(first)
     current, analysis = model, first
     records: list[StepRecord] = []
@@ -253,11 +256,14 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
         scores = compute_scores(analysis, data, spec, opts.method, kinds, ema=opts.ema,
                                 seed=opts.seed + step - 1, threads=opts.threads,
                                 progress=tick)
+        since = stage_done(progress, "score", since)
         first_scores = first_scores or scores.units()
         scores = smoother.smooth(analysis, scores)
         chosen = opts.select(analysis, scores, kinds, budget)
         plan = make_plan(chosen.units, analysis.structure)
+        since = stage_done(progress, "plan", since)
         current, check = cut_verified(analysis, plan)
+        since = stage_done(progress, "cut+verify", since)
         data.adapt = cache_adapter(analysis, plan, data.adapt)
         before, analysis = analysis, analyse(current, fit_static(input_specs(current),
                                                                  opts.shapes))
@@ -276,11 +282,13 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                                           opts.reconstruct if refits else "none",
                                           opts.threads, progress)
     data.probed = []                     # the original's block outputs: no longer needed
+    since = stage_done(progress, "reconstruct", since)
     if opts.train_between is not None:   # fitting to the original would undo the training
         reconstruction.note = "weights were trained between the prune steps"
     check_updates(verified, current, reconstruction.updates)
     # -- end of reconstruction
     loss_after, quality_after = data.evaluate(current, opts.threads)
+    stage_done(progress, "evaluate", since)
     report = Report(method, opts.granularity, opts.target, opts.ratio, spec.describe,
                     {"source": calib.source, "samples": calib.n_samples,
                      "data_free": calib.data_free, "synthesised": calib.synthesised},
