@@ -364,6 +364,17 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def version_line() -> str:
+    """onnxprune's version (``onnxprune.__version__``, the one source) and its runtimes'."""
+    import onnx
+    import onnxruntime
+
+    from onnxprune import __version__
+
+    return (f"onnxprune {__version__} (onnx {onnx.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}, Python {sys.version.split()[0]})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxprune",
@@ -372,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
               "       onnxprune {inspect,cut,prune,score,finetune,eval,bench} ...",
         epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 3 quality gate "
                "(--max-drop) failed, 4 verification failed")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     shape_help = "concrete shape for an input with dynamic dims, e.g. x:1,336,7 (repeatable)"
 
