@@ -24,7 +24,7 @@ from onnxprune.finetune import FinetuneOptions, finetune
 from onnxprune.gates import GatedModel, gate_model
 from onnxprune.interleaved import InterleavedRun, prune_during_finetune
 from onnxprune.latency import prune_for_latency
-from onnxprune.losses import choose_loss
+from onnxprune.losses import Quality, choose_loss
 from onnxprune.modelio import load_model
 from onnxprune.pipeline import PruneOptions, Report, run_prune
 from onnxprune.scores import (
@@ -38,7 +38,7 @@ from onnxprune.shapes import analysis_shapes, complete_shapes, fit_static, input
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
 from onnxprune.units import Plan, Unit, make_plan, parse_units, unit_kind
-from onnxprune.verify import Verification
+from onnxprune.verify import Verification, check_tolerance
 
 # bench, evaluate, finetune and measure live in their stage modules; the CLI reaches them here
 __all__ = ["CutResult", "bench", "changed_weights", "cut", "evaluate", "finetune", "gate",
@@ -74,9 +74,12 @@ def inspect(model: ModelLike, shapes: Shapes = None) -> Analysis:
 
 
 def cut(model: ModelLike, units: Iterable[str | Unit], shapes: Shapes = None,
-        analysis: Analysis | None = None) -> CutResult:
+        analysis: Analysis | None = None, *, rtol: float | None = None,
+        atol: float | None = None) -> CutResult:
     """Remove the units (names such as "attn0.head1", or typed units); the result is
-    verified exact against the gated original."""
+    verified exact against the gated original, to ``rtol``/``atol`` (default: the
+    tolerance of the model's dtype, :func:`onnxprune.verify.tolerance`)."""
+    check_tolerance(rtol, atol)
     analysis = analysis or inspect(model, shapes)
     chosen = list(units)
     if all(isinstance(u, Unit) for u in chosen):
@@ -85,7 +88,7 @@ def cut(model: ModelLike, units: Iterable[str | Unit], shapes: Shapes = None,
         plan = parse_units([str(u) for u in chosen], analysis.structure)
     if not plan.units:
         raise OnnxpruneError("no units to remove")
-    pruned, check = cut_verified(analysis, plan)
+    pruned, check = cut_verified(analysis, plan, rtol, atol)
     params, flops = measure(pruned, fit_static(input_specs(pruned),
                                                analysis.structure.input_shapes))
     s = analysis.structure
@@ -163,6 +166,42 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
     tick = (lambda done, total: progress(name, done, total)) if progress else None
     return compute_scores(analysis, batches, spec, method, kinds, ema=ema, seed=seed,
                           threads=threads, progress=tick)
+
+
+def quality_gate(original: ModelLike, pruned: onnx.ModelProto, report: Report,
+                 max_drop: float | None, val: str | os.PathLike | CalibrationData | None = None,
+                 *, batch_size: int = 32, seed: int = 0, shapes: Shapes = None,
+                 threads: int = 0) -> dict | None:
+    """The quality gate (``--max-drop``), set as ``report.gate`` and returned: None without
+    ``max_drop``; else the relative drop of the metric from ``original`` to ``pruned`` on
+    held-out ``val`` data when given (both models evaluated there, :func:`evaluate`; a
+    ``.csv`` is read at its val split), else on the calibration data the run measured."""
+    if max_drop is None:
+        report.gate = None
+        return None
+    if not max_drop >= 0:   # also NaN
+        raise OnnxpruneError(f"--max-drop {max_drop}: must be a number >= 0")
+    if val is None:
+        before, after = report.quality_before, report.quality_after
+        data = {"kind": "calibration", "source": report.data["source"],
+                "samples": report.data["samples"]}
+    else:
+        original = _as_model(original)
+        held = load_or_synthesise(original, val, None, seed, shapes, split="val")
+        first = evaluate(original, held, batch_size=batch_size, threads=threads)
+        name = (report.quality_before.name if report.quality_before.name in first["metrics"]
+                else next(iter(first["metrics"])))
+        last = evaluate(pruned, held, batch_size=batch_size, threads=threads)
+        better = name.split("/")[0] == "acc"
+        before = Quality(name, first["metrics"][name], better)
+        after = Quality(name, last["metrics"][name], better)
+        data = {"kind": "val", "source": held.source, "samples": first["samples"]}
+    drop = after.drop_from(before)
+    report.gate = {"max_drop": max_drop, "metric": before.name,
+                   "higher_is_better": before.higher_is_better, "before": before.value,
+                   "after": after.value, "drop": drop, "passed": bool(drop <= max_drop),
+                   "data": data}
+    return report.gate
 
 
 def changed_weights(original: onnx.ModelProto, pruned: onnx.ModelProto) -> list[str]:

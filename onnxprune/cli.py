@@ -14,6 +14,7 @@ not, 4 the rewritten model failed verification (nothing written).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -55,19 +56,53 @@ def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]] | None:
     return dict(args.shape) if args.shape else None
 
 
+# --- machine-readable output: --json [FILE|-] on every command (issue 15) ----------------
+def add_json_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help=f"{what} as JSON: on stdout with no value or '-' (the human text then "
+                        "goes to stderr, so stdout is pure JSON), or written to FILE "
+                        "(atomically)")
+
+
+def emit_json(args: argparse.Namespace, data: dict, path: str | None = None,
+              say: bool = True) -> None:
+    """The command's JSON: on the real stdout for ``--json``/``--json -``, else written to
+    the file (``path``, default ``--json FILE``)."""
+    path = path or args.json
+    if path == "-":
+        out = getattr(args, "stdout", None) or sys.stdout
+        out.write(json.dumps(data, indent=2) + "\n")
+        out.flush()
+    else:
+        write_json(path, data)
+        if say:
+            print(f"wrote {path}")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the command; with its JSON on stdout, every human line goes to stderr."""
+    if getattr(args, "json", None) != "-":
+        return args.func(args)
+    args.stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return args.func(args)
+# --- end of --json --------------------------------------------------------------------------
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     analysis = api.inspect(load_model(args.model), _shapes(args))
-    if args.json:
-        print(json.dumps(structure_json(analysis), indent=2))
-    else:
+    if args.json != "-":
         print(structure_table(analysis))
+    if args.json:
+        emit_json(args, structure_json(analysis))
     return 0
 
 
 def cmd_cut(args: argparse.Namespace) -> int:
     check_output_path(args.input, args.output)
     units = [u for part in args.remove for u in part.split(",") if u.strip()]
-    result = api.cut(load_model(args.input), units, _shapes(args))
+    result = api.cut(load_model(args.input), units, _shapes(args), rtol=args.rtol,
+                     atol=args.atol)
     save_model(result.model, args.output)
     print(f"removed {len(result.plan.units)} unit(s) from "
           f"{', '.join(n for n, c in result.plan.cuts.items() if not c.empty)}")
@@ -75,7 +110,18 @@ def cmd_cut(args: argparse.Namespace) -> int:
           f"FLOPs {human(result.flops_before)} -> {human(result.flops_after)}")
     print(f"verified {result.verification}")
     print(f"wrote {args.output}")
+    if args.json:
+        emit_json(args, cut_json(args, result))
     return 0
+
+
+def cut_json(args: argparse.Namespace, result) -> dict:
+    return {"input": args.input, "output": args.output,
+            "removed": [u.name for u in result.plan.units],
+            "blocks": [n for n, c in result.plan.cuts.items() if not c.empty],
+            "params": {"before": result.params_before, "after": result.params_after},
+            "flops": {"before": result.flops_before, "after": result.flops_after},
+            "verified": result.verification.to_json()}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -87,7 +133,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     common = dict(method=args.method, granularity=args.granularity, samples=args.samples,
                   target=args.target, steps=args.steps, round_to=args.round_to, ema=args.ema,
                   seed=args.seed, loss=args.loss, batch_size=args.batch_size,
-                  threads=args.threads, shapes=_shapes(args), progress=ProgressBar(args.quiet))
+                  threads=args.threads, shapes=_shapes(args), progress=ProgressBar(args.quiet),
+                  keep=_names(args.keep), rtol=args.rtol, atol=args.atol)
     if args.ft_schedule == "during":
         pruned, report, interleaved = _prune_during(args, common)
     else:
@@ -102,20 +149,61 @@ def cmd_prune(args: argparse.Namespace) -> int:
         extra = {"finetune": interleaved.to_json()}
     elif args.ft_epochs or args.ft_steps:
         pruned, report, extra = _recover(args, load_model(args.input), pruned, report)
-    gate_failed = args.max_drop is not None and report.drop > args.max_drop
-    if args.report:
-        write_json(args.report, {**report.to_json(), **extra, "input": args.input,
-                                 "output": None if gate_failed else args.output,
-                                 "max_drop": args.max_drop, "gate_passed": not gate_failed})
-        print(f"wrote report {args.report}")
+    gate = api.quality_gate(args.input, pruned, report, args.max_drop, args.val,
+                            batch_size=args.batch_size, seed=args.seed, shapes=_shapes(args),
+                            threads=args.threads)
+    gate_failed = gate is not None and not gate["passed"]
+    if gate is not None and gate["data"]["kind"] == "val":
+        print(gate_line(gate))
+    if not gate_failed:   # the model first, the report last (main removes both on failure)
+        save_model(pruned, args.output)
+    if args.json or args.report:
+        emit_json(args, prune_report_json(args, report, extra, not gate_failed),
+                  path=args.json or args.report, say=False)
     if gate_failed:
-        print(f"onnxprune: quality gate failed: {report.quality_before.name} dropped "
-              f"{report.drop:.2%} > --max-drop {args.max_drop:.2%}; model not written",
-              file=sys.stderr)
+        if (args.json or args.report or "-") != "-":
+            print(f"wrote report {args.json or args.report}")
+        print(f"onnxprune: quality gate failed: {gate['metric']} dropped "
+              f"{gate['drop']:.2%} > --max-drop {args.max_drop:.2%} on the {gate['data']['kind']} "
+              "data; model not written", file=sys.stderr)
         return EXIT_QUALITY_GATE
-    save_model(pruned, args.output)
     print(f"wrote {args.output}")
+    if (args.json or args.report or "-") != "-":
+        print(f"wrote report {args.json or args.report}")
     return 0
+
+
+def _names(values: list[str] | None) -> tuple[str, ...]:
+    """Comma-separated names from a repeatable option."""
+    return tuple(n.strip() for part in values or () for n in part.split(",") if n.strip())
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gate_line(gate: dict) -> str:
+    return (f"quality gate on {gate['data']['source']} ({gate['data']['kind']}, "
+            f"{gate['data']['samples']} samples): {gate['metric']} {gate['before']:.4g} -> "
+            f"{gate['after']:.4g}, drop {gate['drop']:+.2%} (max {gate['max_drop']:.2%}): "
+            f"{'passed' if gate['passed'] else 'failed'}")
+
+
+def prune_report_json(args: argparse.Namespace, report: Report, extra: dict,
+                      written: bool) -> dict:
+    """The prune report (onnxprune/schemas/prune_report.schema.json): the run's report, the
+    files with their sha256, and the fine-tuning where there was one."""
+    output = {"path": args.output, "sha256": file_sha256(args.output)} if written else None
+    return {**report.to_json(), **extra, "input": args.input,
+            "output": args.output if written else None,
+            "files": {"input": {"path": args.input, "sha256": file_sha256(args.input)},
+                      "output": output}}
 
 
 # --- --target latency (issue 14.5) --------------------------------------------------------
@@ -178,7 +266,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _print_finetune(result)
     save_model(result.model, args.output)
     print(f"wrote {args.output}")
+    if args.json:
+        emit_json(args, {"input": args.input, "output": args.output, "train": args.train,
+                         "val": args.val, **finetune_json(result)})
     return 0
+
+
+def finetune_json(result) -> dict:
+    return {"steps": result.steps, "best_step": result.best_step,
+            "seconds": round(result.seconds, 2), "trainable": result.trainable,
+            "train_loss_first": result.train_loss[:1],
+            "train_loss_last": result.train_loss[-1:],
+            "val_loss": result.val_loss, "stopped": result.stopped}
 
 
 def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "", dest: str = "") -> None:
@@ -251,12 +350,12 @@ def cmd_score(args: argparse.Namespace) -> int:
                        progress=ProgressBar(args.quiet))
     if args.plot:
         plot_scores(scores, args.plot)
-    if args.json:
-        print(json.dumps(scores_json(scores), indent=2))
-    else:
+    if args.json != "-":
         print(scores_table(scores))
+    if args.json:
+        emit_json(args, scores_json(scores))
     if args.plot:
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -276,8 +375,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, samples=args.samples, seed=args.seed,
                           shapes=_shapes(args), threads=args.threads)
     if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
+        emit_json(args, result)
+        if args.json == "-":
+            return 0
     split = " (test split)" if str(args.data).lower().endswith(".csv") else ""
     width = max(len("model"), *(len(name) for name in result["metrics"]))
     print(f"{'model':<{width}}  {result['model']}")
@@ -327,8 +427,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         from onnxprune.bench import rows_json
 
-        write_json(args.json, rows_json(rows))
-        print(f"wrote {args.json}")
+        emit_json(args, rows_json(rows))
     if args.plot:
         plot_bench(rows, args.plot)
         print(f"wrote {args.plot}")
@@ -355,13 +454,22 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
                    help="task loss with targets (default: inferred); without targets "
                         "self-distillation is used")
     g.add_argument("--ema", type=float, default=0.5,
-                   help="fisher: EMA factor across progressive steps (--steps; default 0.5); "
-                        "within a step the score is a mean over every calibration sample")
+                   help="fisher: EMA factor across progressive steps (--prune-steps; default "
+                        "0.5); within a step the score is a mean over every calibration sample")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and random")
     g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
     g.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help=shape_help)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_tolerance_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atol", type=float, metavar="A",
+                   help="verification: allowed absolute difference of every output from the "
+                        "gated original (default 1e-5 for float32, 4 eps for float16)")
+    p.add_argument("--rtol", type=float, metavar="R",
+                   help="verification: allowed difference relative to the largest output "
+                        "magnitude (default 1e-4 for float32, 16 eps for float16)")
 
 
 def version_line() -> str:
@@ -389,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list attention and FFN blocks, params and FLOPs")
     p.add_argument("model", help="ONNX file")
-    p.add_argument("--json", action="store_true", help="print the structure as JSON")
+    add_json_option(p, "the structure")
     p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help=shape_help)
     p.set_defaults(func=cmd_inspect)
@@ -400,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove", action="append", required=True, metavar="UNITS",
                    help="comma-separated units: attn0, attn0.head1, attn0.qk1.3, attn0.vo2.0, "
                         "ffn1, ffn1.ch7 (repeatable)")
+    add_json_option(p, "what was removed, the sizes and the verification")
+    add_tolerance_options(p)
     p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help=shape_help)
     p.set_defaults(func=cmd_cut)
@@ -415,11 +525,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["params", "flops", "latency"], default="params",
                    help="what --ratio counts: params (default) or flops; latency: the "
                         "budget is --speedup or --latency-ms, measured in ONNX Runtime")
-    p.add_argument("--steps", type=int, default=1,
-                   help="progressive pruning in K steps, re-scoring in between")
+    p.add_argument("--prune-steps", dest="steps", type=int, default=1, metavar="K",
+                   help="progressive pruning in K steps, re-scoring in between (default 1)")
+    p.add_argument("--steps", dest="steps", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)   # the old name of --prune-steps
+    p.add_argument("--keep", action="append", metavar="BLOCKS",
+                   help="comma-separated blocks never to prune, e.g. attn0,ffn5 (repeatable)")
+    add_tolerance_options(p)
     p.add_argument("--round-to", type=int, default=1, metavar="M",
                    help="keep FFN widths and per-head QK/VO widths multiples of M")
-    p.add_argument("--report", metavar="FILE.json", help="write the run report as JSON")
+    p.add_argument("--report", metavar="FILE.json", help="write the run report as JSON "
+                   "(the same as --json FILE)")
+    add_json_option(p, "the run report")
     p.add_argument("--max-drop", type=float, metavar="X",
                    help="quality gate: exit 3 without writing the model when the metric "
                         "degrades by more than X (relative, e.g. 0.05)")
@@ -441,9 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-batch-size", dest="ft_batch_size", type=int, default=32)
     p.add_argument("--finetune-schedule", dest="ft_schedule", choices=["after", "during"],
                    default="after",
-                   help="after (default): prune, then fine-tune; during: prune in --steps "
-                        "steps interleaved with the --finetune-steps training steps, scored "
-                        "on --train (\"Less is More\")")
+                   help="after (default): prune, then fine-tune; during: prune in "
+                        "--prune-steps steps interleaved with the --finetune-steps training "
+                        "steps, scored on --train (\"Less is More\")")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("finetune", help="recovery fine-tuning in ONNX Runtime (no torch)")
@@ -460,12 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json_option(p, "the training run (steps, losses, best step)")
     add_finetune_options(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("score", help="score every prunable unit; cut nothing")
     p.add_argument("model", help="ONNX file")
-    p.add_argument("--json", action="store_true", help="print every unit's score as JSON")
+    add_json_option(p, "every unit's score")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw the per-layer sensitivity heatmap (needs matplotlib)")
     add_scoring_options(p, shape_help)
@@ -485,8 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
     p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help=shape_help)
-    p.add_argument("--json", action="store_true",
-                   help='print {"model", "data", "samples", "metrics", "seconds"} as JSON')
+    add_json_option(p, '{"model", "data", "samples", "metrics", "seconds"}')
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -511,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help="shape for inputs with dynamic dims besides the batch (its batch "
                         "entry is replaced by --batch; other dynamic dims default to 1)")
-    p.add_argument("--json", metavar="FILE", help="write every field of every row as JSON")
+    add_json_option(p, "every field of every row")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw latency and FLOPs side by side (needs matplotlib)")
     p.add_argument("--no-memory", action="store_true",
@@ -535,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        return run_command(args)
     except OnnxpruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code

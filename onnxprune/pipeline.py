@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import numpy as np
 import onnx
 
 from onnxprune.batches import Feeds, LossBatches
@@ -39,10 +40,12 @@ from onnxprune.scores import (
 )
 from onnxprune.shapes import analysis_shapes, fit_static, input_specs
 from onnxprune.smoothing import StepSmoother
+from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
+from onnxprune.unit_names import OriginalNames
 from onnxprune.units import Plan, Unit, UnitKind, kinds_of, make_plan
-from onnxprune.verify import Verification, cache_cuts
+from onnxprune.verify import Verification, cache_cuts, check_tolerance
 
 Progress = Callable[[str, int, int], None]
 
@@ -73,6 +76,10 @@ class PruneOptions:
     # pruning during fine-tuning (onnxprune.interleaved): called before each prune step
     # with the step and the current model, returns it with trained weights (same graph)
     train_between: Callable[[int, onnx.ModelProto], onnx.ModelProto] | None = None
+    keep: tuple[str, ...] = ()   # blocks never cut (--keep attn0,ffn5; ignored_layers)
+    rtol: float | None = None    # verification tolerance (None: the dtype's, verify.tolerance)
+    atol: float | None = None
+    kept: set[str] = field(default_factory=set)   # their anchors (run_prune sets them)
 
     def check(self) -> None:
         if self.target == "latency" and self.costs is None:
@@ -87,7 +94,7 @@ class PruneOptions:
         if self.target != "latency" and (self.speedup, self.latency_ms) != (None, None):
             raise OnnxpruneError("--speedup and --latency-ms need --target latency")
         if self.steps < 1:
-            raise OnnxpruneError(f"--steps {self.steps}: must be at least 1")
+            raise OnnxpruneError(f"--prune-steps {self.steps}: must be at least 1")
         if self.round_to < 1:
             raise OnnxpruneError(f"--round-to {self.round_to}: must be at least 1")
         if not 0 < self.ema <= 1:
@@ -96,6 +103,8 @@ class PruneOptions:
             raise OnnxpruneError(f"--batch-size {self.batch_size}: must be at least 1")
         check_method(self.method, self.granularity)
         check_mode(self.reconstruct)
+        check_tolerance(self.rtol, self.atol)
+        self.keep = tuple(dict.fromkeys(str(b).strip() for b in self.keep if str(b).strip()))
 
     # --- the cost the budget counts (hook for --target latency) ---------------------------
     def prunable(self, analysis: Analysis) -> float:
@@ -109,10 +118,26 @@ class PruneOptions:
 
     def select(self, analysis: Analysis, scores: Scores, kinds: set[UnitKind],
                budget: float) -> Selection:
+        if self.kept:   # kept blocks offer no candidates
+            scores = replace(scores, values={
+                (b, k): v for (b, k), v in scores.values.items()
+                if analysis.structure.block(b).anchor not in self.kept})
         if self.costs is not None:
             return self.costs.select(analysis, scores, kinds, budget, self.round_to)
         return select(analysis, scores, kinds, budget, target=self.target,
                       round_to=self.round_to)
+
+
+    def keep_anchors(self, analysis: Analysis) -> set[str]:
+        """The anchor nodes of the kept blocks, named in ``analysis`` (the original: a cut
+        renumbers blocks, their anchors stay); an unknown or non-block name is refused."""
+        blocks = {b.name: b.anchor for b in analysis.structure.blocks}
+        unknown = [n for n in self.keep if n not in blocks]
+        if unknown:
+            raise OnnxpruneError(f"--keep {','.join(unknown)}: not a block of this model "
+                                 f"(blocks: {', '.join(blocks)}); --keep takes block names "
+                                 "such as attn0,ffn5")
+        return {blocks[n] for n in self.keep}
 
 
 class CostModel(Protocol):
@@ -155,6 +180,19 @@ class StepRecord:
     swaps: int = 0
 
 
+REPORT_SCHEMA_VERSION = 1   # onnxprune/schemas/prune_report.schema.json; bump on a change
+
+
+def versions() -> dict[str, str]:
+    """onnxprune's, onnx's and onnxruntime's versions (what a report was made with)."""
+    import onnxruntime
+
+    from onnxprune import __version__
+
+    return {"onnxprune": __version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
 @dataclass
 class Report:
     """What a prune run did; ``to_json()`` is the --report file."""
@@ -185,13 +223,22 @@ class Report:
     cache_shapes: dict[str, list] = field(default_factory=dict)
     latency: dict | None = None   # --target latency: requested and measured speed-up
     reconstruction: ReconstructionReport | None = None   # the kept weights re-fitted
+    # what the budget counts (params or FLOPs of the prunable units), before and after
+    prunable_before: float = 0.0
+    prunable_after: float = 0.0
+    blocks: list[BlockChange] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)   # blocks protected from pruning (--keep)
+    verified: dict | None = None   # tolerance, max abs/rel diff, inputs (Verification)
+    gate: dict | None = None       # the quality gate (--max-drop); None: no gate set
 
     @property
     def drop(self) -> float:
         return self.quality_after.drop_from(self.quality_before)
 
     def to_json(self) -> dict:
+        """The report (onnxprune/schemas/prune_report.schema.json)."""
         return {
+            "schema_version": REPORT_SCHEMA_VERSION, "versions": versions(),
             "method": self.method, "granularity": self.granularity, "target": self.target,
             "ratio": self.ratio, "seed": self.seed, "loss": self.loss, "data": self.data,
             "params": {"before": self.params_before, "after": self.params_after},
@@ -205,12 +252,50 @@ class Report:
             "seconds": round(self.seconds, 3),
             "removed": self.removed,
             "steps": [{**vars(s), "units": [u.name for u in s.units]} for s in self.steps],
+            "keep": self.keep, "verified": self.verified, "gate": self.gate,
             "excluded": self.excluded,
             "scores": self.scores,
             **({"cache_shapes": self.cache_shapes} if self.cache_shapes else {}),
             **({"latency": self.latency} if self.latency else {}),
             "reconstruction": self.reconstruction.to_json() if self.reconstruction else None,
+            "prunable": {"counts": "flops" if self.target == "flops" else "params",
+                         "before": self.prunable_before, "after": self.prunable_after},
+            "blocks": [vars(b) for b in self.blocks],
         }
+
+
+SIZE_FIELDS = ("heads", "kv_heads", "qk_dim", "vo_dim", "channels")
+
+
+@dataclass
+class BlockChange:
+    """One block of the original model: its sizes before and after (``after`` None: the
+    block was removed whole)."""
+
+    block: str
+    kind: str
+    before: dict[str, int]
+    after: dict[str, int] | None
+
+    @property
+    def changed(self) -> bool:
+        return self.after != self.before
+
+
+def block_sizes(block: Block) -> dict[str, int]:
+    described: dict = {}
+    for kind in kinds_of(block):
+        described.update(kind.describe(block))
+    return {k: int(described[k]) for k in SIZE_FIELDS
+            if isinstance(described.get(k), int | np.integer)}
+
+
+def block_changes(first: Analysis, last: Analysis) -> list[BlockChange]:
+    """Every block of ``first`` with its sizes in ``last`` (blocks matched by anchor)."""
+    after = {b.anchor: b for b in last.structure.blocks}
+    return [BlockChange(b.name, b.kind, block_sizes(b),
+                        block_sizes(after[b.anchor]) if b.anchor in after else None)
+            for b in first.structure.blocks]
 
 
 def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions,
@@ -225,6 +310,8 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     if not first.structure.attention:
         raise OnnxpruneError("no attention blocks found: onnxprune prunes transformer "
                              "attention and feed-forward blocks")
+    opts.kept = opts.keep_anchors(first)
+    names, checks = OriginalNames(first), []   # removed units in the original's numbering
     excluded = exclusions(first, kinds)
     check_something_to_prune(first, kinds, excluded, opts.target)
     caches = {out for b in first.structure.attention for out in b.cache.values()}
@@ -262,17 +349,19 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
         chosen = opts.select(analysis, scores, kinds, budget)
         plan = make_plan(chosen.units, analysis.structure)
         since = stage_done(progress, "plan", since)
-        current, check = cut_verified(analysis, plan)
+        current, check = cut_verified(analysis, plan, opts.rtol, opts.atol)
+        checks.append(check)
         since = stage_done(progress, "cut+verify", since)
         data.adapt = cache_adapter(analysis, plan, data.adapt)
         before, analysis = analysis, analyse(current, fit_static(input_specs(current),
                                                                  opts.shapes))
         smoother.carry(before, plan, analysis)
+        units += [names.name(before, u) or f"step{step}:{u.name}" for u in chosen.units]
+        names.carry(before, plan, analysis)
         records.append(StepRecord(step, chosen.units,
                                   1 - opts.prunable(analysis) / total,
                                   round(scores.seconds, 3), scores.fallbacks,
                                   check.max_abs_diff, chosen.counts, chosen.swaps))
-        units += [f"step{step}:{u.name}" if opts.steps > 1 else u.name for u in chosen.units]
     check_removed_something(units, opts)
     # -- reconstruction of the kept weights (onnxprune.reconstruct): once, after the last
     # verified cut, against the original; the result is proven to be that cut plus the
@@ -296,8 +385,22 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                     analysis.structure.flops, loss_before, loss_after, quality_before,
                     quality_after, time.perf_counter() - start, units, records, first_scores,
                     opts.seed, data, [e.to_json() for e in excluded],
-                    cache_shapes(current, first), reconstruction=reconstruction)
+                    cache_shapes(current, first), reconstruction=reconstruction,
+                    prunable_before=total, prunable_after=opts.prunable(analysis),
+                    blocks=block_changes(first, analysis), keep=list(opts.keep),
+                    verified=verified_json(checks))
     return current, report
+
+
+def verified_json(checks: list[Verification]) -> dict | None:
+    """The report's ``verified``: every step's cut against its gated original, worst case."""
+    if not checks:
+        return None
+    out = checks[-1].to_json()
+    out["max_abs_diff"] = max(c.max_abs_diff for c in checks)
+    out["max_rel_diff"] = max(c.max_rel_diff for c in checks)
+    out["steps"] = len(checks)
+    return out
 
 
 def cache_shapes(model: onnx.ModelProto, analysis: Analysis) -> dict[str, list]:

@@ -275,9 +275,11 @@ class CutPass(DerivePass):
 
     name = "cut"
 
-    def __init__(self, analysis: Analysis, plan: Plan):
+    def __init__(self, analysis: Analysis, plan: Plan, rtol: float | None = None,
+                 atol: float | None = None):
         self.analysis = analysis
         self.plan = plan
+        self.rtol, self.atol = rtol, atol   # None: the dtype's tolerance (verify.tolerance)
         self.verification: Verification | None = None
 
     def pre(self, model: onnx.ModelProto) -> list[str]:
@@ -303,7 +305,8 @@ class CutPass(DerivePass):
         broken = outputs_changed(_without_shapes(before, self._caches()),
                                  _without_shapes(after, self._caches()))
         if not broken:
-            self.verification = verify(self.analysis, self.plan, after)
+            self.verification = verify(self.analysis, self.plan, after, rtol=self.rtol,
+                                       atol=self.atol)
         return broken
 
 
@@ -320,8 +323,10 @@ def _without_shapes(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     return copy
 
 
-def cut_verified(analysis: Analysis, plan: Plan) -> tuple[onnx.ModelProto, Verification]:
-    """The cut model, proven exact against the gated original."""
-    cut = CutPass(analysis, plan)
+def cut_verified(analysis: Analysis, plan: Plan, rtol: float | None = None,
+                 atol: float | None = None) -> tuple[onnx.ModelProto, Verification]:
+    """The cut model, proven exact against the gated original (to ``rtol``/``atol``, by
+    default the tolerance of the model's dtype)."""
+    cut = CutPass(analysis, plan, rtol, atol)
     model = cut.run(analysis.model)
     return model, cut.verification

@@ -33,6 +33,17 @@ class Verification:
     max_rel_diff: float
     outputs: int
     batch: int | None
+    rtol: float | None = None   # the tolerance the check used: |diff| <= atol + rtol·max|ref|
+    atol: float | None = None
+    inputs: dict[str, list[int]] | None = None   # the random inputs' shapes, by name
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        """The report's ``verified`` object."""
+        return {"rtol": self.rtol, "atol": self.atol, "max_abs_diff": self.max_abs_diff,
+                "max_rel_diff": self.max_rel_diff, "outputs": self.outputs,
+                "inputs": {"kind": "random", "seed": self.seed, "batch": self.batch,
+                           "shapes": self.inputs or {}}}
 
     def __str__(self) -> str:
         return (f"exact: {self.outputs} output(s), max |diff| {self.max_abs_diff:.2e} "
@@ -77,6 +88,13 @@ def compute_precision(model: onnx.ModelProto) -> int:
                 found.add(attr.i)
     floats = [t for t in found if t in _FLOAT_TYPES]
     return max(floats, key=lambda t: _EPS[_FLOAT_TYPES[t]], default=onnx.TensorProto.FLOAT)
+
+
+def check_tolerance(rtol: float | None, atol: float | None) -> None:
+    """--rtol/--atol, where given, are finite and not negative."""
+    for name, value in (("--rtol", rtol), ("--atol", atol)):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise OnnxpruneError(f"{name} {value}: must be a finite number >= 0")
 
 
 def tolerance(model: onnx.ModelProto) -> tuple[float, float]:
@@ -147,7 +165,8 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale else 0.0)
     batch = next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), None)
-    return Verification(worst_abs, worst_rel, len(reference), batch)
+    return Verification(worst_abs, worst_rel, len(reference), batch, rtol, atol,
+                        {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}, seed)
 
 
 def cache_cuts(analysis: Analysis, plan: Plan) -> dict[str, Callable[[np.ndarray], np.ndarray]]:

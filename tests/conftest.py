@@ -46,3 +46,27 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def reference_model() -> Path:
     return ROOT / "models" / "patchtst_etth1.onnx"
+
+
+@pytest.fixture(autouse=True)
+def _reports_follow_the_schema(monkeypatch):
+    """Every prune report a test makes through the CLI is validated against the shipped
+    JSON Schema (onnxprune/schemas/prune_report.schema.json) as it is made."""
+    try:
+        import jsonschema
+    except ImportError:   # the core-only fast lane: tests/fast/test_cli_json.py says so
+        yield
+        return
+    import onnxprune.cli
+    from onnxprune import schemas
+
+    validator = jsonschema.Draft202012Validator(schemas.load("prune_report"))
+    made = onnxprune.cli.prune_report_json
+
+    def checked(*args, **kwargs):
+        report = made(*args, **kwargs)
+        validator.validate(report)
+        return report
+
+    monkeypatch.setattr(onnxprune.cli, "prune_report_json", checked)
+    yield

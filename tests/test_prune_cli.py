@@ -41,7 +41,7 @@ def test_main_job_data_free(small, tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["data"]["data_free"] is True
     assert data["params"]["after"] < data["params"]["before"]
-    assert data["removed"] and data["method"] == "fisher" and data["gate_passed"] is True
+    assert data["removed"] and data["method"] == "fisher" and data["gate"] is None
     assert set(data["metric"]) >= {"name", "before", "after", "relative_drop"}
     assert data["scores"] and data["seconds"] > 0
     pruned = onnxprune.inspect(str(out))
@@ -76,8 +76,9 @@ def test_quality_gate_exits_3_and_keeps_the_model_unwritten(small, calib, tmp_pa
                  "--max-drop", "0.0001", "--report", str(report)])
     assert code == 3 and not out.exists()
     data = json.loads(report.read_text())
-    assert data["gate_passed"] is False and data["output"] is None
-    assert data["metric"]["relative_drop"] > 0.0001
+    assert data["gate"]["passed"] is False and data["output"] is None
+    assert data["gate"]["data"]["kind"] == "calibration" and data["gate"]["max_drop"] == 0.0001
+    assert data["metric"]["relative_drop"] == data["gate"]["drop"] > 0.0001
 
 
 def test_same_seed_same_bytes(small, calib, tmp_path):
@@ -113,7 +114,7 @@ def _error(capsys) -> str:
     (["--ratio", "1.2"], "between 0 and 1"),
     (["--ratio", "0.99", "--granularity", "module"], "budget cannot be met"),
     (["--ratio", "0.3", "--method", "send", "--granularity", "head"], "does not score"),
-    (["--ratio", "0.3", "--steps", "0"], "--steps"),
+    (["--ratio", "0.3", "--steps", "0"], "--prune-steps"),
 ])
 def test_bad_options(small, tmp_path, capsys, extra, message):
     out = tmp_path / "out.onnx"

@@ -21,7 +21,7 @@ FAST = Path(__file__).resolve().parent
 
 # low to high; "pkg.*" is a whole subpackage, "pkg.__init__" only its __init__.py
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["errors", "progress", "callable_module"]),
+    ("base", ["errors", "progress", "callable_module", "outputs", "schemas.*"]),
     ("graph", ["structure.__init__", "structure.graph", "structure.labels", "ops.*", "passes"]),
     ("io and data", ["runtime", "modelio", "shapes", "input_roles", "data", "datasets.*", "losses",
                      "batches"]),
@@ -30,11 +30,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("units", ["units", "units.*"]),
     ("rewrites", ["gates", "verify", "surgery", "autodiff", "seed_axis"]),
     ("scores", ["scores.*"]),
-    ("plan", ["plan", "search", "rearrange", "smoothing"]),
+    ("plan", ["plan", "search", "rearrange", "smoothing", "unit_names"]),
     ("stages", ["reconstruct", "reconstruct.*", "pipeline", "report", "bench", "evaluate",
                 "finetune", "latency", "interleaved"]),
     ("api", ["api", "__init__"]),
-    ("cli", ["cli", "__main__"]),
+    ("cli", ["cli", "__main__", "config"]),
 ]
 
 # a public function of the same name would hide these modules from ``import onnxprune.x as m``
