@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -43,6 +42,7 @@ import onnxruntime as ort
 from onnxprune.callable_module import make_callable
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model
+from onnxprune.outputs import atomic_file, plot_format
 from onnxprune.runtime import synthetic_feeds, trace
 from onnxprune.shapes import InputSpec, batch_shapes, input_specs
 from onnxprune.structure.cost import model_flops, model_params
@@ -425,16 +425,11 @@ def plot_bench(rows: list[BenchRow], path: str) -> None:
     left.legend(fontsize="small")
     fig.suptitle(f"onnxprune bench ({rows[0].provider}, {rows[0].runs} runs)")
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=plot_format(path))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 make_callable(__name__, bench)

@@ -20,7 +20,8 @@ import sys
 
 from onnxprune import api
 from onnxprune.errors import OnnxpruneError
-from onnxprune.modelio import check_output_path, load_model, save_model
+from onnxprune.modelio import load_model, save_model
+from onnxprune.outputs import RunFiles, Terminated, sigterm_as_interrupt, transaction
 from onnxprune.pipeline import Report
 from onnxprune.progress import ProgressBar
 from onnxprune.report import (
@@ -99,7 +100,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cut(args: argparse.Namespace) -> int:
-    check_output_path(args.input, args.output)
+    RunFiles.from_args(args).check()
     units = [u for part in args.remove for u in part.split(",") if u.strip()]
     result = api.cut(load_model(args.input), units, _shapes(args), rtol=args.rtol,
                      atol=args.atol)
@@ -125,9 +126,7 @@ def cut_json(args: argparse.Namespace, result) -> dict:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    check_output_path(args.input, args.output)
-    if args.report:
-        check_output_path(args.input, args.report)
+    RunFiles.from_args(args).check()
     if args.max_drop is not None and args.max_drop < 0:
         raise OnnxpruneError(f"--max-drop {args.max_drop}: must be >= 0")
     common = dict(method=args.method, granularity=args.granularity, samples=args.samples,
@@ -259,7 +258,7 @@ def _print_finetune(result) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    check_output_path(args.input, args.output)
+    RunFiles.from_args(args).check()
     model = load_model(args.input)
     result = api.finetune(model, args.train, args.val, trainable=args.train_only,
                           progress=ProgressBar(args.quiet), **_finetune_options(args))
@@ -343,6 +342,7 @@ def _recover(args: argparse.Namespace, original, pruned, report: Report):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    RunFiles.from_args(args).check()
     scores = api.score(load_model(args.model), args.calib, method=args.method,
                        granularity=args.granularity, samples=args.samples,
                        batch_size=args.batch_size, loss=args.loss, ema=args.ema,
@@ -412,10 +412,7 @@ def _bench_table(rows) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from onnxprune.bench import check_plot, plot_bench
 
-    for out in (args.json, args.plot):
-        if out:
-            for model in args.models:
-                check_output_path(model, out)
+    RunFiles.from_args(args).check()
     if args.plot:
         check_plot()
     say = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
@@ -651,14 +648,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return run_command(args)
+    try:   # SIGTERM unwinds like Ctrl-C; a failed run removes every file it wrote
+        with sigterm_as_interrupt(), transaction():
+            return run_command(args)
     except OnnxpruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnxprune: interrupted; nothing written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        print(f"onnxprune: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing "
+              "written", file=sys.stderr)
+        return Terminated.exit_code if term else 130
 
 
 if __name__ == "__main__":

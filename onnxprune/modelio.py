@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.outputs import RunFiles, atomic_file, atomic_files, check_writable
 
 # protobuf refuses to serialise a message over 2 GiB; beyond this the weights go to a side file.
 _EXTERNAL_DATA_LIMIT = 1_800_000_000
@@ -43,33 +43,23 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: temp file in the target folder, then rename; never a half-written file.
+    """Write atomically (``outputs.atomic_files``: temp file in the target folder, fsync, the
+    umask's mode, rename); never a half-written file, and a full disk or read-only folder is
+    a one-line error with nothing left.
 
     Models too large for one protobuf message keep their weights in ``<name>.data`` beside
-    the file, written the same way.
+    the file, written the same way (the side file first, then the model).
     """
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise OnnxpruneError(f"{path}: output folder {path.parent} does not exist")
-    external = model_size_bytes(model) > _EXTERNAL_DATA_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    tmp_data = None
-    try:
-        if external:
-            tmp_data = f"{Path(tmp).name}.data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data, size_threshold=1024)
-            _rewrite_external_location(tmp, f"{path.name}.data")
-            os.replace(path.parent / tmp_data, path.parent / f"{path.name}.data")
-        else:
+    check_writable(path)
+    if model_size_bytes(model) <= _EXTERNAL_DATA_LIMIT:
+        with atomic_file(path) as tmp:
             onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, tmp_data and str(path.parent / tmp_data)):
-            if leftover and os.path.exists(leftover):
-                os.unlink(leftover)
-        raise
+        return
+    with atomic_files(path.with_name(f"{path.name}.data"), path) as (tmp_data, tmp):
+        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=Path(tmp_data).name, size_threshold=1024)
+        _rewrite_external_location(tmp, f"{path.name}.data")
 
 
 def _rewrite_external_location(model_path: str, location: str) -> None:
@@ -83,11 +73,7 @@ def _rewrite_external_location(model_path: str, location: str) -> None:
 
 
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
-    """Refuse to overwrite the input: a failed run must never destroy the user's model."""
-    inp, out = Path(input_path), Path(output_path)
-    if out.exists() and inp.exists() and os.path.samefile(inp, out):
-        raise OnnxpruneError(f"{out}: output path is the input file; choose another name")
-    if out.resolve() == inp.resolve():
-        raise OnnxpruneError(f"{out}: output path is the input file; choose another name")
-    if out.exists() and out.is_dir():
-        raise OnnxpruneError(f"{out}: is a directory")
+    """Refuse to overwrite the input (or its external data): a failed run must never destroy
+    the user's model. The CLI checks every output of a run at once (``outputs.RunFiles``)."""
+    RunFiles().read_model("the input file", input_path).write(
+        "output path", output_path, model=True).check()

@@ -95,22 +95,13 @@ def block_json_sizes(block: Block) -> dict[str, Any]:
 
 
 def write_json(path: str, data: dict) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+    """Write JSON atomically (``outputs.write_text``: temp file in the same folder, fsync,
+    the umask's mode, rename; a write error is one line and leaves nothing)."""
     import json
-    import os
-    import tempfile
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from onnxprune.outputs import write_text
+
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _change(before: float, after: float) -> str:
@@ -223,5 +214,10 @@ def plot_scores(scores, path: str) -> None:
         axes[1].barh(names, [modules[n] for n in names])
     axes[1].set_title("module sensitivity")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from onnxprune.outputs import atomic_file, plot_format
+
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=plot_format(path))
+    finally:
+        plt.close(fig)
