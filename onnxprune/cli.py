@@ -19,6 +19,7 @@ import json
 import sys
 
 from onnxprune import api
+from onnxprune.config import apply_config
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model, save_model
 from onnxprune.outputs import RunFiles, Terminated, sigterm_as_interrupt, transaction
@@ -636,14 +637,24 @@ def build_parser() -> argparse.ArgumentParser:
                 "it 3 times (interpreter and ONNX Runtime included); +model: its increase "
                 "over the process before loading the model. Host memory only.")
     p.set_defaults(func=cmd_bench)
+    for command in sub.choices.values():   # every command reads options from a file too
+        command.add_argument("--config", metavar="FILE.toml",
+                             help="take options from a TOML file (keys: long option names; "
+                                  "a [COMMAND] table for one command); flags given here win")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    if argv and argv[0] not in COMMANDS and (not argv[0].startswith("-")
+                                             or argv[0].split("=")[0] == "--config"):
         argv.insert(0, "prune")
+    try:
+        argv = apply_config(parser, argv, COMMANDS)
+    except OnnxpruneError as exc:
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
