@@ -23,21 +23,26 @@ from onnxprune.scores.base import (
     resolve_score,
     score_names,
 )
+from onnxprune.scores.distributed import MISSING_RAY, RayCluster, check_cluster
 from onnxprune.structure.discover import Analysis
 from onnxprune.units import UnitKind
 
-__all__ = ["GradientSketch", "ImportanceScore", "ScoreContext", "Scores", "check_method",
-           "compute_scores", "granularities", "register_score", "resolve_score", "score_names"]
+__all__ = ["MISSING_RAY", "GradientSketch", "ImportanceScore", "RayCluster", "ScoreContext",
+           "Scores", "check_cluster", "check_method", "compute_scores", "granularities",
+           "register_score", "resolve_score", "score_names"]
 
 
 def compute_scores(analysis: Analysis, batches, spec, method: str | ImportanceScore,
                    kinds: set[UnitKind], *, ema: float = 0.5, seed: int = 0, threads: int = 0,
-                   progress=None) -> Scores:
+                   progress=None, workers: int | None = None,
+                   ray_address: str | None = None) -> Scores:
     """Scores of ``method`` (a registered name or an instance) for ``kinds`` over the
-    calibration batches."""
+    calibration batches; with ``workers``/``ray_address`` gradient scores run their batches
+    on Ray workers (``distributed.py``), with results identical to this process's."""
     start = time.perf_counter()
     score = resolve_score(method)
-    context = ScoreContext(analysis, batches, spec, set(kinds), seed, threads, ema, progress)
+    context = ScoreContext(analysis, batches, spec, set(kinds), seed, threads, ema, progress,
+                           cluster=check_cluster(workers, ray_address))
     values = _restrict(analysis, score.compute(context), context.kinds)
     if context.samples_seen is not None:
         samples = context.samples_seen

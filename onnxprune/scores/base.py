@@ -21,6 +21,7 @@ from onnxprune.units import Unit, UnitKind, granularity_kinds, unit_kinds
 
 if TYPE_CHECKING:
     from onnxprune.losses import LossSpec
+    from onnxprune.scores.distributed import RayCluster
 
 ScoreKey = tuple[str, UnitKind]                 # (block name, unit kind)
 ScoreArrays = dict[ScoreKey, np.ndarray]
@@ -45,6 +46,7 @@ class ScoreContext:
     samples_seen: int | None = None                      # when a score counts its own
     signed: ScoreArrays = field(default_factory=dict)    # signed estimates a score leaves
     gradients: dict[ScoreKey, GradientSketch] = field(default_factory=dict)
+    cluster: RayCluster | None = None    # gradient batches on Ray workers (distributed.py)
 
     @property
     def samples(self) -> int:

@@ -22,7 +22,7 @@ which yields the loss of each sample and each sample's ∂L/∂gate.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -124,6 +124,52 @@ SKETCH_ROWS = (64, 512)
 SKETCH_ENTRIES = 1 << 20
 
 
+@dataclass
+class BatchSums:
+    """One calibration batch's contribution to a :class:`GradientStatistic`: per gate input,
+    the batch's sums of g, g², |g| (or of SEND), and for the sketch the rows it touches with
+    what it adds to them. The unit of reduction: adding the contributions of the batches in
+    batch order gives the same floating-point sums wherever each batch was run (one process
+    or the shard of a Ray worker, ``scores.distributed``)."""
+
+    samples: int
+    sums: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    sketch: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return (sum(v.nbytes for d in self.sums.values() for v in map(np.asarray, d.values()))
+                + sum(i.nbytes + v.nbytes for i, v in self.sketch.values()))
+
+
+def sketch_rows(size: int) -> int:
+    """The rows of a gate's gradient sketch: every sample its own row up to this many."""
+    low, high = SKETCH_ROWS
+    return min(high, max(low, SKETCH_ENTRIES // size))
+
+
+def batch_sums(grads: Mapping[Gate, np.ndarray], signs: np.ndarray, offset: int,
+               sketch: bool = True) -> BatchSums:
+    """The contribution of one batch of per-sample gradients; ``signs`` are the sketch's
+    random signs of its samples and ``offset`` the samples before it (sample n goes to sketch
+    row n mod rows)."""
+    batch = len(next(iter(grads.values()))) if grads else 0
+    part = BatchSums(batch)
+    for gate, g in grads.items():
+        g = g.astype(np.float64)
+        if gate.kind == "send":
+            part.sums[gate.input] = {"send": send_dispersion(g).sum()}
+            continue
+        part.sums[gate.input] = {"g": g.sum(axis=0), "g2": (g ** 2).sum(axis=0),
+                                 "abs": np.abs(g).sum(axis=0)}
+        if gate.size and sketch:
+            where = (offset + np.arange(len(g))) % sketch_rows(g.shape[1])
+            rows, inverse = np.unique(where, return_inverse=True)
+            delta = np.zeros((len(rows), g.shape[1]))
+            np.add.at(delta, inverse, signs[:, None] * g)
+            part.sketch[gate.input] = (rows, delta)
+    return part
+
+
 class GradientStatistic:
     """Accumulates one gradient metric as a mean over every calibration sample of its
     per-sample statistic; ``result()`` gives a score per gate (the per-unit vector for
@@ -131,46 +177,46 @@ class GradientStatistic:
     the EMA of ``fisher`` runs across progressive steps (``pipeline.run_prune``).
 
     For vector gates it also keeps a ``GradientSketch`` (mean g, mean g², a bounded
-    random-sign sketch of the per-sample gradients): the block's empirical Fisher."""
+    random-sign sketch of the per-sample gradients): the block's empirical Fisher.
+
+    The sums are reduced batch by batch: each batch's :class:`BatchSums` (``batch_sums``) is
+    added in batch order (``add``), so a run whose batches were scored elsewhere (Ray
+    workers) and one that scored them here give identical floats."""
 
     def __init__(self, method: str, first_order: bool = True, seed: int = 0,
-                 sketch: bool = True):
+                 sketch: bool = True, gates: Iterable[Gate] = ()):
         self.method = method
         self.sketch = sketch
         # with sampled (self-distillation) targets E[g] = 0: only the curvature term counts
         self.first_order = first_order
+        self.gates: dict[str, Gate] = {g.input: g for g in gates}
         self.sums: dict[Gate, dict[str, np.ndarray]] = {}
         self.rows: dict[Gate, np.ndarray] = {}
         self.count = 0
         self.rng = np.random.default_rng(seed)
 
+    def signs(self, batch: int) -> np.ndarray:
+        """The sketch's random signs of the next batch (drawn in batch order)."""
+        return self.rng.choice((-1.0, 1.0), size=batch)
+
     def update(self, grads: Mapping[Gate, np.ndarray]) -> None:
         batch = len(next(iter(grads.values()))) if grads else 0
-        signs = self.rng.choice((-1.0, 1.0), size=batch)
-        for gate, g in grads.items():
-            g = g.astype(np.float64)
-            if gate.kind == "send":
-                self._add(gate, "send", send_dispersion(g).sum())
-                continue
-            self._add(gate, "g", g.sum(axis=0))
-            self._add(gate, "g2", (g ** 2).sum(axis=0))
-            self._add(gate, "abs", np.abs(g).sum(axis=0))
-            if gate.size and self.sketch:
-                self._sketch(gate, g, signs)
-        self.count += batch
+        self.gates.update((g.input, g) for g in grads)
+        self.add(batch_sums(grads, self.signs(batch), self.count, self.sketch))
 
-    def _add(self, gate: Gate, name: str, value: np.ndarray) -> None:
-        sums = self.sums.setdefault(gate, {})
-        sums[name] = value if name not in sums else sums[name] + value
-
-    def _sketch(self, gate: Gate, g: np.ndarray, signs: np.ndarray) -> None:
-        if gate not in self.rows:
-            low, high = SKETCH_ROWS
-            size = g.shape[1]
-            self.rows[gate] = np.zeros((min(high, max(low, SKETCH_ENTRIES // size)), size))
-        rows = self.rows[gate]
-        where = (self.count + np.arange(len(g))) % len(rows)
-        np.add.at(rows, where, signs[:, None] * g)
+    def add(self, part: BatchSums) -> None:
+        """Add the next batch's contribution (batches must come in order)."""
+        for name, values in part.sums.items():
+            sums = self.sums.setdefault(self.gates[name], {})
+            for key, value in values.items():
+                sums[key] = value if key not in sums else sums[key] + value
+        if self.sketch:
+            for name, (where, delta) in part.sketch.items():
+                gate = self.gates[name]
+                if gate not in self.rows:
+                    self.rows[gate] = np.zeros((sketch_rows(delta.shape[1]), delta.shape[1]))
+                self.rows[gate][where] += delta
+        self.count += part.samples
 
     def signed(self) -> dict[Gate, np.ndarray]:
         """Per gate the signed statistic: fisher's ½ mean g², lim's −mean g + ½ mean g² (the
@@ -240,13 +286,20 @@ class GradientScore(ImportanceScore):
         analysis = context.analysis
         grad = GradientPass(analysis, context.spec, kinds, context.threads, send=send)
         acc = GradientStatistic(self.statistic, first_order=not context.spec.distill,
-                                seed=context.seed, sketch=self.estimates_loss)
+                                seed=context.seed, sketch=self.estimates_loss,
+                                gates=grad.gates)
         data = getattr(context.batches, "gradient_batches", context.batches)()
-        for n, (inputs, targets) in enumerate(data):
-            _, grads = grad(inputs, targets)
-            acc.update(grads)
-            if context.progress:
-                context.progress(n + 1, len(data))
+        if context.cluster is not None:   # the batches run on Ray workers, added here in order
+            for part in context.cluster.gradient_sums(analysis, context.spec, kinds, send,
+                                                      context.threads, acc, data,
+                                                      context.progress):
+                acc.add(part)
+        else:
+            for n, (inputs, targets) in enumerate(data):
+                _, grads = grad(inputs, targets)
+                acc.update(grads)
+                if context.progress:
+                    context.progress(n + 1, len(data))
         context.samples_seen = acc.count
         keys = {gate: self._key(analysis, gate) for gate in acc.sums}
         if self.estimates_loss:

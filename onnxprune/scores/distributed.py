@@ -1,0 +1,144 @@
+"""Gradient scoring over Ray workers (``--workers N`` / ``--ray-address ADDR``).
+
+The calibration batches are cut into contiguous shards, one Ray task each. A task gets the
+model scored (its bytes, put once in the object store), the input shapes it was analysed at,
+the loss, the unit kinds, and its shard: per batch the inputs, the loss targets (sampled on
+the driver for self-distillation, so they do not depend on the sharding), the sketch's random
+signs and the number of samples before the batch. It analyses the model and builds its own
+gradient graph and ONNX Runtime session (:class:`~onnxprune.scores.gradient.GradientPass`),
+and returns one :class:`~onnxprune.scores.gradient.BatchSums` per batch: sums of g, g², |g|
+per unit, the sketch rows the batch adds to. The driver adds them in batch order, exactly
+as the single process does, so the scores are identical to a single-process run.
+
+Ray is optional (``pip install 'onnxprune[ray]'``); nothing here imports it until a cluster
+is used. Only gradient scores (fisher, lim, taylor, send) are distributed; the others
+(ablation, stat, magnitude, random) run on the driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from onnxprune.autodiff import NoGradientError
+from onnxprune.errors import OnnxpruneError
+from onnxprune.scores.gradient import BatchSums, GradientPass, GradientStatistic, batch_sums
+from onnxprune.structure.discover import analyse
+from onnxprune.units import UnitKind, unit_kind
+
+if TYPE_CHECKING:
+    from onnxprune.losses import LossSpec
+    from onnxprune.structure.discover import Analysis
+
+MISSING_RAY = "--workers needs ray: pip install 'onnxprune[ray]'"
+
+Batch = tuple[dict, dict]
+
+
+def require_ray():
+    """The ``ray`` module, or the one-line error that says how to get it."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError:
+        raise OnnxpruneError(MISSING_RAY) from None
+
+
+def check_cluster(workers: int | None, address: str | None) -> RayCluster | None:
+    """The cluster the options ask for (None: score in this process); raises when they are
+    invalid or ray is not installed."""
+    if workers is not None and workers < 0:
+        raise OnnxpruneError(f"--workers {workers}: must be at least 1")
+    if not workers and not address:
+        return None
+    require_ray()
+    return RayCluster(int(workers or 0), address or None)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """Where the gradient batches run: ``workers`` Ray tasks (0: one per CPU of the cluster)
+    on the cluster at ``address`` (None: a local cluster started by ``ray.init()``, or the one
+    this process already joined)."""
+
+    workers: int = 0
+    address: str | None = None
+
+    def connect(self, cpus: int):
+        ray = require_ray()
+        if not ray.is_initialized():
+            options = {"include_dashboard": False, "logging_level": logging.WARNING,
+                       "log_to_driver": False}
+            if self.address:
+                ray.init(address=self.address, **options)
+            else:   # a local cluster wide enough for every worker at once
+                ray.init(num_cpus=max(os.cpu_count() or 1, self.workers * cpus), **options)
+        return ray
+
+    def gradient_sums(self, analysis: Analysis, spec: LossSpec, kinds: set[UnitKind],
+                      send: bool, threads: int, acc: GradientStatistic,
+                      batches: Sequence[Batch],
+                      progress: Callable[[int, int], None] | None = None
+                      ) -> Iterator[BatchSums]:
+        """Every batch's contribution, in batch order, computed by the workers."""
+        cpus = threads or 1
+        ray = self.connect(cpus)
+        workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
+        offsets = np.cumsum([0] + [_size(inputs) for inputs, _ in batches])
+        signs = [acc.signs(_size(inputs)) for inputs, _ in batches]   # in batch order
+        model = ray.put(analysis.model.SerializeToString())
+        task = ray.remote(num_cpus=cpus, max_retries=0)(score_shard)
+        shards = [s for s in np.array_split(np.arange(len(batches)), workers) if len(s)]
+        refs = [task.remote(model, dict(analysis.structure.input_shapes), spec,
+                            sorted(k.key for k in kinds), send, cpus, acc.sketch,
+                            [(*batches[i], signs[i], int(offsets[i])) for i in shard])
+                for shard in shards]
+        wanted = list(acc.gates)
+        done = 0
+        try:
+            for ref in refs:   # in order: the driver adds the batches as one process would
+                gates, parts, error = ray.get(ref)
+                if error is not None:
+                    raise NoGradientError(error)
+                if gates != wanted:
+                    raise OnnxpruneError(f"a Ray worker gated the model differently: "
+                                         f"{gates[:3]} vs {wanted[:3]} (different onnxprune "
+                                         "versions on the cluster?)")
+                for part in parts:
+                    yield part
+                    done += 1
+                    if progress:
+                        progress(done, len(batches))
+        finally:   # an error or an interrupt: stop the shards still running
+            if done < len(batches):
+                for ref in refs:
+                    ray.cancel(ref, force=True)
+
+
+def score_shard(model: bytes, shapes: dict[str, tuple[int, ...]], spec: LossSpec,
+                kinds: list[str], send: bool, threads: int, sketch: bool,
+                shard: list[tuple[dict, dict, np.ndarray, int]]
+                ) -> tuple[list[str], list[BatchSums], str | None]:
+    """A Ray task: the gate inputs, one ``BatchSums`` per batch of the shard, and the reason
+    when the model cannot be differentiated (the driver falls back)."""
+    analysis = analyse(onnx.load_from_string(model), shapes)
+    grad = GradientPass(analysis, spec, {unit_kind(k) for k in kinds}, threads, send=send)
+    gates = [g.input for g in grad.gates]
+    parts = []
+    try:
+        for inputs, targets, signs, offset in shard:
+            _, grads = grad(inputs, targets)
+            parts.append(batch_sums(grads, signs, offset, sketch))
+    except NoGradientError as exc:
+        return gates, [], str(exc)
+    return gates, parts, None
+
+
+def _size(inputs: dict) -> int:
+    return len(next(iter(inputs.values())))
