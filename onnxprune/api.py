@@ -30,6 +30,7 @@ from onnxprune.pipeline import PruneOptions, Report, run_prune
 from onnxprune.scores import (
     ImportanceScore,
     Scores,
+    check_cluster,
     check_method,
     compute_scores,
     resolve_score,
@@ -152,11 +153,15 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
           method: str | ImportanceScore = "fisher", granularity: str = "auto",
           samples: int | None = None, batch_size: int = 32, loss: str | None = None,
           ema: float = 0.5, seed: int = 0, shapes: Shapes = None, threads: int = 0,
-          progress=None) -> Scores:
+          progress=None, workers: int | None = None, ray_address: str | None = None
+          ) -> Scores:
     """Every prunable unit's score (higher = more important), without cutting anything.
-    ``method`` is a registered score's name or an :class:`ImportanceScore` instance."""
+    ``method`` is a registered score's name or an :class:`ImportanceScore` instance.
+    ``workers``/``ray_address``: gradient scores run their batches on Ray workers (a local
+    cluster, or the one at the address), with results identical to one process."""
     model = _as_model(model)
     kinds = check_method(method, granularity)
+    check_cluster(workers, ray_address)
     shapes = complete_shapes(input_specs(model), shapes)
     data = load_or_synthesise(model, calib, samples, seed, shapes)
     analysis = inspect(model, analysis_shapes(input_specs(model), data.inputs, shapes))
@@ -165,7 +170,8 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
     name = resolve_score(method).name
     tick = (lambda done, total: progress(name, done, total)) if progress else None
     return compute_scores(analysis, batches, spec, method, kinds, ema=ema, seed=seed,
-                          threads=threads, progress=tick)
+                          threads=threads, progress=tick, workers=workers,
+                          ray_address=ray_address)
 
 
 def quality_gate(original: ModelLike, pruned: onnx.ModelProto, report: Report,

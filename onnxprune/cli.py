@@ -134,7 +134,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   target=args.target, steps=args.steps, round_to=args.round_to, ema=args.ema,
                   seed=args.seed, loss=args.loss, batch_size=args.batch_size,
                   threads=args.threads, shapes=_shapes(args), progress=ProgressBar(args.quiet),
-                  keep=_names(args.keep), rtol=args.rtol, atol=args.atol)
+                  keep=_names(args.keep), rtol=args.rtol, atol=args.atol,
+                  workers=args.workers, ray_address=args.ray_address)
     if args.ft_schedule == "during":
         pruned, report, interleaved = _prune_during(args, common)
     else:
@@ -348,7 +349,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                        granularity=args.granularity, samples=args.samples,
                        batch_size=args.batch_size, loss=args.loss, ema=args.ema,
                        seed=args.seed, shapes=_shapes(args), threads=args.threads,
-                       progress=ProgressBar(args.quiet))
+                       progress=ProgressBar(args.quiet), workers=args.workers,
+                       ray_address=args.ray_address)
     if args.plot:
         plot_scores(scores, args.plot)
     if args.json != "-":
@@ -456,6 +458,13 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
                         "0.5); within a step the score is a mean over every calibration sample")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and random")
     g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="gradient scores: run the calibration batches on N Ray workers (a "
+                        "local cluster unless --ray-address; needs pip install "
+                        "'onnxprune[ray]'); the scores equal one process's")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) to score; "
+                        "without --workers, one worker per CPU of the cluster")
     g.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help=shape_help)
     g.add_argument("--quiet", action="store_true", help="no progress bars")

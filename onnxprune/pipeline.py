@@ -34,6 +34,7 @@ from onnxprune.reconstruct import (
 from onnxprune.scores import (
     ImportanceScore,
     Scores,
+    check_cluster,
     check_method,
     compute_scores,
     resolve_score,
@@ -79,6 +80,8 @@ class PruneOptions:
     keep: tuple[str, ...] = ()   # blocks never cut (--keep attn0,ffn5; ignored_layers)
     rtol: float | None = None    # verification tolerance (None: the dtype's, verify.tolerance)
     atol: float | None = None
+    workers: int | None = None   # gradient scoring on Ray workers (scores/distributed.py)
+    ray_address: str | None = None   # join this Ray cluster (None: a local one)
     kept: set[str] = field(default_factory=set)   # their anchors (run_prune sets them)
 
     def check(self) -> None:
@@ -104,6 +107,7 @@ class PruneOptions:
         check_method(self.method, self.granularity)
         check_mode(self.reconstruct)
         check_tolerance(self.rtol, self.atol)
+        check_cluster(self.workers, self.ray_address)
         self.keep = tuple(dict.fromkeys(str(b).strip() for b in self.keep if str(b).strip()))
 
     # --- the cost the budget counts (hook for --target latency) ---------------------------
@@ -342,7 +346,8 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
 
         scores = compute_scores(analysis, data, spec, opts.method, kinds, ema=opts.ema,
                                 seed=opts.seed + step - 1, threads=opts.threads,
-                                progress=tick)
+                                progress=tick, workers=opts.workers,
+                                ray_address=opts.ray_address)
         since = stage_done(progress, "score", since)
         first_scores = first_scores or scores.units()
         scores = smoother.smooth(analysis, scores)
