@@ -1,0 +1,94 @@
+"""Scoring on a Ray cluster (``--workers N``): on a local cluster of 2 workers the gradient
+scores, their signed estimates and gradient sketches, and the main job's removed units equal
+the single-process run's bit for bit; without ray the flag is a one-line error; without the
+flag nothing imports ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxprune
+from onnxprune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "patchtst_etth1.onnx"
+ETTH1 = ROOT.parent / "shared" / "data" / "ETTh1.csv"
+MISSING = "onnxprune: error: --workers needs ray: pip install 'onnxprune[ray]'"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _calib() -> str | None:
+    if not ETTH1.exists():
+        pytest.skip(f"shared data folder absent: {ETTH1} not found")
+    return str(ETTH1)
+
+
+def _assert_same(one, two) -> None:
+    assert one.samples == two.samples > 0
+    assert one.values.keys() == two.values.keys()
+    for key, value in one.values.items():
+        np.testing.assert_array_equal(two.values[key], value, err_msg=str(key))
+    assert one.signed.keys() == two.signed.keys()
+    for key, value in one.signed.items():
+        np.testing.assert_array_equal(two.signed[key], value, err_msg=str(key))
+    assert one.gradients.keys() == two.gradients.keys()
+    for key, sketch in one.gradients.items():
+        other = two.gradients[key]
+        assert sketch.samples == other.samples
+        for name in ("mean", "square", "rows"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(sketch, name),
+                                          err_msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("method,data", [("fisher", "etth1"), ("taylor", "etth1"),
+                                         ("fisher", "data-free")])
+def test_two_workers_score_exactly_as_one_process(cluster, method, data):
+    calib = _calib() if data == "etth1" else None
+    # batches of 8 over 2 workers: 4 batches a shard (and an uneven last batch data-free)
+    options = dict(method=method, samples=64 if calib else 20, batch_size=8, seed=3)
+    one = onnxprune.score(MODEL, calib, **options)
+    two = onnxprune.score(MODEL, calib, workers=2, **options)
+    _assert_same(one, two)
+    if method == "fisher":
+        assert one.gradients, "fisher keeps gradient sketches"
+
+
+def test_main_job_removes_the_same_units_on_two_workers(cluster):
+    options = dict(samples=32, batch_size=8, steps=2, reconstruct="none")
+    _, one = onnxprune.prune(MODEL, 0.3, _calib(), **options)
+    _, two = onnxprune.prune(MODEL, 0.3, _calib(), workers=2, **options)
+    assert one.removed and one.removed == two.removed
+    assert one.scores == two.scores
+
+
+def test_workers_without_ray_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)   # import ray fails
+    assert main(["score", str(MODEL), "--workers", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [MISSING]
+    out = tmp_path / "pruned.onnx"
+    assert main([str(MODEL), str(out), "--ratio", "0.3", "--workers", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [MISSING]
+    assert not out.exists()
+    with pytest.raises(onnxprune.errors.OnnxpruneError, match="needs ray"):
+        onnxprune.score(MODEL, ray_address="auto")
+
+
+def test_without_the_flags_nothing_imports_ray():
+    code = ("import sys, onnxprune, onnxprune.cli\n"
+            f"onnxprune.score({str(MODEL)!r}, method='fisher', samples=4)\n"
+            "assert 'ray' not in sys.modules, 'ray was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
