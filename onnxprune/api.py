@@ -107,14 +107,18 @@ def gate(model: ModelLike, kinds: Iterable[str] | None = None, shapes: Shapes = 
 def prune(model: ModelLike, ratio: float | None = None,
           calib: str | os.PathLike | CalibrationData | None = None, *,
           method: str | ImportanceScore = "fisher", granularity: str = "auto",
-          samples: int | None = None, progress=None,
+          samples: int | None = None, progress=None, keep: Iterable[str] = (),
+          rtol: float | None = None, atol: float | None = None,
           **options) -> tuple[onnx.ModelProto, Report]:
     """Score, plan, cut and verify: remove ``ratio`` of the prunable parameters (or FLOPs
     with ``target="flops"``); with ``target="latency"`` give ``speedup=S`` or
     ``latency_ms=M`` instead of ``ratio`` (measured in ONNX Runtime, see
-    :mod:`onnxprune.latency`). Other options: see :class:`onnxprune.pipeline.PruneOptions`."""
+    :mod:`onnxprune.latency`). ``keep``: blocks ("attn0", "ffn5") never cut; ``rtol``,
+    ``atol``: the verification tolerance (default: the model dtype's). Other options: see
+    :class:`onnxprune.pipeline.PruneOptions`."""
     model = _as_model(model)
-    opts = PruneOptions(ratio, method, granularity, **options)
+    opts = PruneOptions(ratio, method, granularity, keep=tuple(keep), rtol=rtol, atol=atol,
+                        **options)
     opts.check()
     opts.shapes = complete_shapes(input_specs(model), opts.shapes)
     data = load_or_synthesise(model, calib, samples, opts.seed, opts.shapes)
