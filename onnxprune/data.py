@@ -30,6 +30,7 @@ the file and what is wrong with it.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,7 +47,9 @@ from onnxprune.input_roles import InputRole, input_roles
 from onnxprune.runtime import synthetic_feeds
 from onnxprune.shapes import (
     InputSpec,
+    check_fits,
     check_synthesisable,
+    format_bytes,
     format_dims,
     input_specs,
     partial_dims,
@@ -300,6 +303,10 @@ def _read_npz(path: Path, input_names: Sequence[str], output_names: Sequence[str
               ) -> tuple[Arrays, Arrays]:
     try:
         with np.load(path, allow_pickle=False) as z:
+            for member in z.zip.infolist():   # declared sizes first: nothing allocated yet
+                with z.zip.open(member) as f:
+                    _check_npy_header(path, member.filename.removesuffix(".npy"), f,
+                                      member.file_size)
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise OnnxpruneError(f"{path}: no such calibration file") from None
@@ -405,6 +412,9 @@ def _read_npy(path: Path, specs: list[InputSpec]) -> Arrays:
             f"({', '.join(s.name for s in specs)}); use a .npz keyed by input name"
         )
     try:
+        if not zipfile.is_zipfile(path):
+            with path.open("rb") as f:
+                _check_npy_header(path, specs[0].name, f, path.stat().st_size)
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise OnnxpruneError(f"{path}: not a readable .npy file ({_first_line(e)})") from None
@@ -412,6 +422,25 @@ def _read_npy(path: Path, specs: list[InputSpec]) -> Arrays:
         array.close()
         raise OnnxpruneError(f"{path}: is a .npz archive, not a .npy array; name it .npz")
     return {specs[0].name: array}
+
+
+def _check_npy_header(path: Path, name: str, f, size: int) -> None:
+    """Refuse an array whose header declares more data than the file holds or than this
+    machine's memory, before numpy allocates it (a forged header of 10¹² rows)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+    except (OSError, ValueError, EOFError, SyntaxError):
+        return   # not a readable array: np.load says why
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    what = f"{path}: array {name!r} declares shape {shape} {dtype}"
+    if nbytes > size:
+        raise OnnxpruneError(f"{what} ({format_bytes(nbytes)}), but the file holds "
+                             f"{format_bytes(size)} for it (corrupt or truncated)")
+    check_fits(what, nbytes)
 
 
 def _read_csv(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -26,6 +27,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxpruneError(f"{path}: file is empty")
     try:
         model = onnx.load(str(path), load_external_data=True)
+    except onnx.checker.ValidationError as exc:   # external data onnx refuses to read
+        raise OnnxpruneError(_external_data_error(path, exc)) from exc
     except (DecodeError, RuntimeWarning, ValueError) as exc:
         raise OnnxpruneError(f"{path}: not a valid ONNX file (truncated or corrupt: {exc})"
                              ) from exc
@@ -35,7 +38,148 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxpruneError(f"{path}: cannot read: {exc}") from exc
     if not model.graph.node:
         raise OnnxpruneError(f"{path}: not an ONNX model (no graph nodes)")
+    check_model(model, path)
     return model
+
+
+# --- the up-front checks of a loaded model (issue 15): one line, exit 2, before any work --
+
+# ops whose initializer inputs are weights: an inf there makes every output inf or NaN (an
+# inf elsewhere may be meant: a -inf attention mask added before a Softmax)
+_WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger",
+                         "LayerNormalization", "SkipLayerNormalization",
+                         "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                         "BatchNormalization", "InstanceNormalization", "Attention",
+                         "MultiHeadAttention", "FastGelu", "BiasGelu"})
+_T = onnx.TensorProto
+_FLOATS = (_T.FLOAT, _T.FLOAT16, _T.DOUBLE, _T.BFLOAT16)
+# where each element type keeps its values when not in raw_data (and values per element)
+_TYPED_FIELD = {_T.FLOAT: ("float_data", 1), _T.DOUBLE: ("double_data", 1),
+                _T.INT64: ("int64_data", 1), _T.UINT32: ("uint64_data", 1),
+                _T.UINT64: ("uint64_data", 1), _T.STRING: ("string_data", 1),
+                _T.COMPLEX64: ("float_data", 2), _T.COMPLEX128: ("double_data", 2),
+                **{t: ("int32_data", 1) for t in (
+                    _T.INT32, _T.INT16, _T.INT8, _T.UINT16, _T.UINT8, _T.BOOL, _T.FLOAT16,
+                    _T.BFLOAT16, _T.FLOAT8E4M3FN, _T.FLOAT8E4M3FNUZ, _T.FLOAT8E5M2,
+                    _T.FLOAT8E5M2FNUZ)}}
+_ITEMSIZE = {_T.FLOAT: 4, _T.DOUBLE: 8, _T.INT64: 8, _T.UINT64: 8, _T.UINT32: 4, _T.INT32: 4,
+             _T.INT16: 2, _T.UINT16: 2, _T.FLOAT16: 2, _T.BFLOAT16: 2, _T.INT8: 1,
+             _T.UINT8: 1, _T.BOOL: 1, _T.FLOAT8E4M3FN: 1, _T.FLOAT8E4M3FNUZ: 1,
+             _T.FLOAT8E5M2: 1, _T.FLOAT8E5M2FNUZ: 1, _T.COMPLEX64: 8, _T.COMPLEX128: 16}
+
+
+def check_model(model: onnx.ModelProto, where: str | os.PathLike = "the model") -> None:
+    """The checks every command makes on a model before it runs anything: it has outputs,
+    an opset and IR version this onnx (and so ONNX Runtime) knows, initializers holding as
+    many values as their dims declare, and no NaN (nor inf in a weight). Each problem is one
+    :class:`OnnxpruneError` line naming ``where`` and the tensor."""
+    graph = model.graph
+    if not graph.output:
+        raise OnnxpruneError(f"{where}: the model declares no outputs (graph.output is "
+                             f"empty): there is nothing to run or compare")
+    _check_versions(model, where)
+    tensors = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant"
+                                     for a in n.attribute if a.name == "value")]
+    for tensor in tensors:
+        _check_tensor_size(tensor, where)
+    weights = {name for n in graph.node if n.op_type in _WEIGHT_OPS for name in n.input}
+    for tensor in graph.initializer:
+        if tensor.data_type in _FLOATS and not onnx.external_data_helper.uses_external_data(
+                tensor):
+            _check_finite_weight(tensor, tensor.name in weights, where)
+
+
+def _check_versions(model: onnx.ModelProto, where: str | os.PathLike) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not default and any(n.domain in ("", "ai.onnx") for n in model.graph.node):
+        raise OnnxpruneError(f"{where}: the model imports no opset of the default domain "
+                             f"(ai.onnx) but uses its operators")
+    for version in default:
+        if not 1 <= version <= newest:
+            raise OnnxpruneError(
+                f"{where}: opset {version} of the default domain (ai.onnx) is not one onnx "
+                f"{onnx.__version__} knows (1 to {newest}); export with a released opset")
+    if model.ir_version > onnx.IR_VERSION:
+        raise OnnxpruneError(f"{where}: IR version {model.ir_version} is newer than onnx "
+                             f"{onnx.__version__} reads ({onnx.IR_VERSION}); upgrade onnx or "
+                             f"re-export")
+
+
+def _check_tensor_size(tensor: onnx.TensorProto, where: str | os.PathLike) -> None:
+    """An initializer holds exactly the values its dims declare (a declared size is never
+    allocated to find out)."""
+    if tensor.data_location == _T.EXTERNAL:
+        return
+    if any(d < 0 for d in tensor.dims):
+        raise OnnxpruneError(f"{where}: initializer {tensor.name!r} has negative dims "
+                             f"{list(tensor.dims)}")
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    if tensor.HasField("raw_data"):
+        size = _ITEMSIZE.get(tensor.data_type)
+        if size is None or len(tensor.raw_data) == count * size:
+            return
+        held = f"{len(tensor.raw_data):,} bytes, {count * size:,} expected"
+    elif tensor.data_type in _TYPED_FIELD:
+        field, per = _TYPED_FIELD[tensor.data_type]
+        if len(getattr(tensor, field)) == count * per:
+            return
+        held = f"{len(getattr(tensor, field)) // per:,} values"
+    else:
+        return
+    raise OnnxpruneError(f"{where}: initializer {tensor.name!r} declares dims "
+                         f"{list(tensor.dims)} ({count:,} values) but holds {held}")
+
+
+def _check_finite_weight(tensor: onnx.TensorProto, weight: bool,
+                         where: str | os.PathLike) -> None:
+    try:
+        values = onnx.numpy_helper.to_array(tensor)
+    except Exception:  # a type numpy cannot hold: nothing to check here
+        return
+    with np.errstate(invalid="ignore"):
+        values = np.asarray(values, dtype=np.float32) if values.dtype.kind != "f" else values
+        nan = int(np.isnan(values).sum())
+        inf = int(np.isinf(values).sum()) if weight else 0
+    if nan or inf:
+        found = " and ".join(f"{n:,} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
+        raise OnnxpruneError(f"{where}: weight {tensor.name!r} {list(tensor.dims)} holds "
+                             f"{found}; the model computes nothing meaningful (fix the "
+                             f"export or the checkpoint)")
+
+
+def _external_data_error(path: Path, exc: Exception) -> str:
+    """The one line for external data onnx refuses to read: missing, outside the model's
+    folder, an absolute path or a symbolic link (onnx reads only regular files inside the
+    model's folder)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # fall back to onnx's own message
+        model = None
+    folder = path.parent
+    tensors = [] if model is None else [
+        t for t in [*model.graph.initializer,
+                    *(a.t for n in model.graph.node for a in n.attribute if a.name == "value")]
+        if onnx.external_data_helper.uses_external_data(t)]
+    for tensor in tensors:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        what = f"{path}: external data {location!r} of {tensor.name!r}"
+        target = folder / location
+        if os.path.isabs(location):
+            return (f"{what} is an absolute path; onnx reads external data only from files "
+                    f"inside the model's folder ({folder.resolve()})")
+        if os.path.normpath(location).split(os.sep)[0] == os.pardir:
+            return (f"{what} points outside the model's folder; onnx reads external data only "
+                    f"from files inside it: move the file next to the model")
+        if target.is_symlink():
+            return (f"{what} is a symbolic link, which onnx refuses to read: copy the file "
+                    f"next to the model")
+        if not target.is_file():
+            return f"{what}: external weight file missing ({target})"
+    text = str(exc).strip().splitlines()
+    return f"{path}: cannot read its external data: {text[0] if text else type(exc).__name__}"
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:

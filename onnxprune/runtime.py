@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -14,11 +15,11 @@ from onnx import helper
 
 from onnxprune.errors import OnnxpruneError
 from onnxprune.input_roles import InputRole, synthesise
-from onnxprune.shapes import InputSpec, input_specs
+from onnxprune.shapes import InputSpec, check_fits, input_specs
 
 # the signature lives in onnxprune.shapes; these names stay importable from here
-__all__ = ["InputSpec", "available_providers", "input_specs", "make_session", "probe_model",
-           "run", "synthetic_feeds", "trace"]
+__all__ = ["InputSpec", "available_providers", "input_specs", "make_session", "ort_message",
+           "probe_model", "run", "synthetic_feeds", "trace"]
 
 
 def synthetic_feeds(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -31,6 +32,11 @@ def synthetic_feeds(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]
     feeds = {}
     for spec in specs:
         shape = spec.concrete(shapes, dynamic)
+        dtype = np.dtype(spec.dtype)
+        # floats are drawn in float64, then cast; the model's activations at this size take
+        # a multiple of it: at most a quarter of the memory
+        peak = math.prod(shape) * (dtype.itemsize + (8 if dtype.kind == "f" else 0))
+        check_fits(f"synthetic input {spec.name} {list(shape)} {dtype.name}", peak, 0.25)
         role = (roles or {}).get(spec.name)
         if role is not None:
             feeds[spec.name] = synthesise(role, shape, spec.dtype, rng)
@@ -182,7 +188,20 @@ def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return ort_message(text[0]) if text else type(exc).__name__
+
+
+_ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_CPP_PLACE = re.compile(r"\S+\.(?:cc|cpp|cxx|h|hpp):\d+ "
+                        r"(?:[\w:<>,&*~ ]*::[\w:<>,&*~ ]*\([^()]*\)(?: const)? )?")
+
+
+def ort_message(line: str) -> str:
+    """One line of an ONNX Runtime error without its status prefix, C++ source locations and
+    function signatures ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/...h:46 void
+    onnxruntime::f(...) Opset 99 is ..." -> "Opset 99 is ...")."""
+    rest = _CPP_PLACE.sub("", _ORT_STATUS.sub("", line))
+    return rest.strip() or line
 
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name "

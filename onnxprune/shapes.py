@@ -18,6 +18,7 @@ This is the one place that turns dynamic dims into sizes:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -197,6 +198,32 @@ def batch_shapes(specs: list[InputSpec], batch: int, overrides: Overrides, where
             shape[0] = batch
         out[spec.name] = tuple(shape)
     return out
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory: no array the tool allocates may be larger."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):   # not a POSIX system: 1 TiB
+        return 1 << 40
+
+
+def check_fits(what: str, nbytes: int, share: float = 1.0) -> None:
+    """Refuse before allocating ``nbytes`` for ``what`` ("input x [2, 10⁹, 8] float32")
+    when that exceeds ``share`` of the machine's memory (:func:`memory_bytes`)."""
+    memory = memory_bytes()
+    if nbytes > share * memory:
+        part = "" if share == 1 else f"{share:.0%} of "
+        raise OnnxpruneError(f"{what} needs {format_bytes(nbytes)}, more than {part}this "
+                             f"machine's {format_bytes(memory)} of memory")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
 
 
 def format_dims(dims: tuple[int | str, ...] | None) -> str:

@@ -140,6 +140,7 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
     check_model(cut, "the cut model")
     gated = gate_model(analysis, blocks=list(plan.cuts))
     feeds, reference = _reference_run(analysis, gated, plan, seed)
+    _check_finite_reference(analysis.model, reference)
     caches = cache_cuts(analysis, plan)
     cut_feeds = {name: caches[name](value) if name in caches else value
                  for name, value in feeds.items()}
@@ -167,6 +168,23 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
     batch = next((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), None)
     return Verification(worst_abs, worst_rel, len(reference), batch, rtol, atol,
                         {k: [int(d) for d in np.shape(v)] for k, v in feeds.items()}, seed)
+
+
+def _check_finite_reference(model: onnx.ModelProto, reference: dict[str, np.ndarray]) -> None:
+    """The original itself must compute finite outputs on the verification inputs, or no
+    cut can be compared with it: that is the model's fault (bad input, exit 2), not the
+    cut's; the error names the weights holding NaN or inf."""
+    bad = [name for name, value in reference.items()
+           if np.asarray(value).dtype.kind == "f" and not np.all(np.isfinite(value))]
+    if not bad:
+        return
+    weights = [t.name for t in model.graph.initializer if t.data_type in _FLOAT_TYPES
+               and t.data_type != onnx.TensorProto.BFLOAT16
+               and not np.all(np.isfinite(onnx.numpy_helper.to_array(t)))]
+    cause = (f"weight(s) {', '.join(repr(w) for w in weights[:3])} hold NaN or inf" if weights
+             else "it overflows on random inputs")
+    raise OnnxpruneError(f"the original model's output {bad[0]!r} is NaN or inf on the "
+                         f"verification inputs ({cause}): nothing to verify a cut against")
 
 
 def cache_cuts(analysis: Analysis, plan: Plan) -> dict[str, Callable[[np.ndarray], np.ndarray]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from onnxprune.errors import OnnxpruneError
 from onnxprune.runtime import make_session, probe_model, run
 from onnxprune.scores.base import ImportanceScore, ScoreArrays, ScoreContext, register_score
 from onnxprune.structure.blocks import Block
@@ -65,8 +66,14 @@ class StatAccumulator:
             for kind in kinds_of(block):
                 if kind in kinds and kind.refusal(block) is None and kind.key in _STATISTICS:
                     self.work.append((block, kind))
-                    if not kind.whole:
-                        self.tensors.add(kind.site(analysis, block).tensor)
+                    tensor = block.module_output if kind.whole else \
+                        kind.site(analysis, block).tensor
+                    if not tensor:   # a form whose statistic has no activation to read
+                        raise OnnxpruneError(
+                            f"--method stat cannot score the {kind.plural} of {block.name}: "
+                            f"no activation to measure in this graph form; use another "
+                            f"--method (fisher, ablation)")
+                    self.tensors.add(tensor)
 
     def update(self, values: Values) -> None:
         seen = set()
