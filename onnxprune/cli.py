@@ -158,20 +158,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(gate_line(gate))
     if not gate_failed:   # the model first, the report last (main removes both on failure)
         save_model(pruned, args.output)
-    if args.json or args.report:
-        emit_json(args, prune_report_json(args, report, extra, not gate_failed),
-                  path=args.json or args.report, say=False)
+    if args.json or args.report:   # both given: the same report on stdout and in the file
+        payload = prune_report_json(args, report, extra, not gate_failed)
+        for path in dict.fromkeys(p for p in (args.report, args.json) if p):
+            emit_json(args, payload, path=path, say=False)
     if gate_failed:
-        if (args.json or args.report or "-") != "-":
-            print(f"wrote report {args.json or args.report}")
+        if report_file(args):
+            print(f"wrote report {report_file(args)}")
         print(f"onnxprune: quality gate failed: {gate['metric']} dropped "
               f"{gate['drop']:.2%} > --max-drop {args.max_drop:.2%} on the {gate['data']['kind']} "
               "data; model not written", file=sys.stderr)
         return EXIT_QUALITY_GATE
     print(f"wrote {args.output}")
-    if (args.json or args.report or "-") != "-":
-        print(f"wrote report {args.json or args.report}")
+    if report_file(args):
+        print(f"wrote report {report_file(args)}")
     return 0
+
+
+def report_file(args: argparse.Namespace) -> str | None:
+    """The file the prune report goes to (--report FILE or --json FILE), if any."""
+    return next((p for p in (args.report, args.json) if p and p != "-"), None)
 
 
 def _names(values: list[str] | None) -> tuple[str, ...]:
@@ -377,10 +383,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = api.evaluate(args.model, args.data, metric=args.metric,
                           batch_size=args.batch_size, samples=args.samples, seed=args.seed,
                           shapes=_shapes(args), threads=args.threads)
-    if args.json:
+    if args.json == "-":
         emit_json(args, result)
-        if args.json == "-":
-            return 0
+        return 0
     split = " (test split)" if str(args.data).lower().endswith(".csv") else ""
     width = max(len("model"), *(len(name) for name in result["metrics"]))
     print(f"{'model':<{width}}  {result['model']}")
@@ -388,6 +393,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, value in result["metrics"].items():
         print(f"{name:<{width}}  {value:.4f}")
     print(f"{result['seconds']:.1f} s")
+    if args.json:
+        emit_json(args, result)
     return 0
 
 

@@ -225,3 +225,18 @@ def test_tolerances_reach_the_verification(capsys, tmp_path):
     assert code == 2 and "--atol" in capsys.readouterr().err
     with pytest.raises(onnxprune.OnnxpruneError, match="--rtol nan: must be"):
         onnxprune.cut(MODEL, ["ffn0.ch1"], rtol=float("nan"))
+
+
+def test_json_on_stdout_and_report_to_a_file_together(capsys, tmp_path):
+    path = tmp_path / "report.json"
+    report = json_out(capsys, [MODEL, str(tmp_path / "p.onnx"), "--ratio", "0.3", *FAST_PRUNE,
+                               "--json", "--report", str(path)])
+    assert json.loads(path.read_text()) == report
+
+
+def test_eval_json_to_a_file_keeps_the_table(capsys, tmp_path, labelled):
+    target = tmp_path / "eval.json"
+    assert main(["eval", MODEL, "--data", labelled, "--json", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("mse") < out.index(f"wrote {target}")
+    assert set(json.loads(target.read_text())["metrics"]) == {"mse", "mae"}
