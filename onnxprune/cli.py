@@ -6,6 +6,9 @@
     onnxprune eval MODEL --data FILE [--json]           metrics on a labelled dataset
     onnxprune bench MODEL [MODEL ...] [--json FILE]      latency, size, FLOPs, memory
 
+Every command takes --json [FILE|-] (JSON on stdout, the human text then on stderr; or to
+FILE) and --config FILE.toml (options from a file; flags given on the command line win).
+
 Exit codes: 0 success, 1 internal error (a bug: please report), 2 bad input or a model that
 cannot be pruned as asked, 3 the quality gate (--max-drop) failed: report written, model
 not, 4 the rewritten model failed verification (nothing written).
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
 
 from onnxprune import api
@@ -39,6 +44,9 @@ from onnxprune.scores import granularities, score_names
 
 COMMANDS = ("inspect", "cut", "prune", "score", "finetune", "eval", "bench")
 EXIT_QUALITY_GATE = 3
+# the reader of stdout went away (| head): 128 + SIGPIPE, what a shell reports for any tool
+# a closed pipe stops; nothing more is printed and, as on any failure, nothing is written
+EXIT_BROKEN_PIPE = 141
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.rpartition(":")
@@ -88,10 +96,21 @@ def run_command(args: argparse.Namespace) -> int:
     args.stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         return args.func(args)
+def json_flag_before_model(argv: list[str]) -> list[str]:
+    """``--json`` as a flag before a model path (``inspect --json m.onnx``, as it was used
+    when --json took no value) means stdout: no JSON output is named *.onnx."""
+    out = list(argv)
+    for i, token in enumerate(out[:-1]):
+        if token == "--":
+            break
+        if token == "--json" and out[i + 1].lower().endswith(".onnx"):
+            out[i] = "--json=-"
+    return out
 # --- end of --json --------------------------------------------------------------------------
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    RunFiles.from_args(args).check()
     analysis = api.inspect(load_model(args.model), _shapes(args))
     if args.json != "-":
         print(structure_table(analysis))
@@ -231,13 +250,13 @@ def latency_line(latency: dict) -> str:
 
 def add_latency_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("latency budget (--target latency)")
-    g.add_argument("--speedup", type=float, metavar="S",
+    g.add_argument("--speedup", type=finite(), metavar="S",
                    help="with --target latency: make the model S times faster (S > 1), "
                         "measured in ONNX Runtime; replaces --ratio")
-    g.add_argument("--latency-ms", type=float, metavar="M",
+    g.add_argument("--latency-ms", type=finite(), metavar="M",
                    help="with --target latency: make the model run in M milliseconds; "
                         "replaces --ratio")
-    g.add_argument("--latency-batch", type=int, metavar="B",
+    g.add_argument("--latency-batch", type=count(1), metavar="B",
                    help="batch size latency is measured at (default 1); threads are "
                         "--threads")
     g.add_argument("--latency-provider", choices=["cpu", "cuda", "auto"],
@@ -290,15 +309,15 @@ def finetune_json(result) -> dict:
 def add_finetune_options(p: argparse.ArgumentParser, prefix: str = "", dest: str = "") -> None:
     g = p.add_argument_group("fine-tuning" if not prefix else "recovery fine-tuning")
     budget = g.add_mutually_exclusive_group(required=not prefix)
-    budget.add_argument(f"--{prefix}epochs", dest=f"{dest}epochs", type=int, metavar="E",
+    budget.add_argument(f"--{prefix}epochs", dest=f"{dest}epochs", type=count(1), metavar="E",
                         help="passes over the training data")
-    budget.add_argument(f"--{prefix}steps", dest=f"{dest}steps", type=int, metavar="S",
+    budget.add_argument(f"--{prefix}steps", dest=f"{dest}steps", type=count(1), metavar="S",
                         help="optimizer steps")
-    g.add_argument(f"--{prefix}lr", dest=f"{dest}lr", type=float, default=1e-4,
+    g.add_argument(f"--{prefix}lr", dest=f"{dest}lr", type=finite(), default=1e-4,
                    help="peak learning rate (AdamW, warm-up then cosine; default 1e-4)")
-    g.add_argument(f"--{prefix}weight-decay", dest=f"{dest}weight_decay", type=float,
+    g.add_argument(f"--{prefix}weight-decay", dest=f"{dest}weight_decay", type=finite(0),
                    default=0.01)
-    g.add_argument(f"--{prefix}patience", dest=f"{dest}patience", type=int, default=3,
+    g.add_argument(f"--{prefix}patience", dest=f"{dest}patience", type=count(0), default=3,
                    help="validations without improvement before stopping (default 3)")
 
 
@@ -368,6 +387,35 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def count(least: int):
+    """An argparse type: an integer of at least ``least`` (--threads 0 = all, -1 refused)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {least}")
+        return value
+    return integer
+
+
+def finite(least: float | None = None):
+    """An argparse type: a finite number (nan and inf refused), of at least ``least``;
+    other ranges are the API's to check."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+        if least is not None and value < least:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {least:g}")
+        return value
+    return number
+
+
 def parse_counts(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -380,6 +428,7 @@ def parse_counts(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    RunFiles.from_args(args).check()
     result = api.evaluate(args.model, args.data, metric=args.metric,
                           batch_size=args.batch_size, samples=args.samples, seed=args.seed,
                           shapes=_shapes(args), threads=args.threads)
@@ -447,10 +496,10 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
                    help="calibration data: .npz keyed by input (and output) names, .npy "
                         "(single input) or a time-series .csv; default: synthetic inputs "
                         "and self-distillation (data-free)")
-    g.add_argument("--samples", type=int, metavar="N",
+    g.add_argument("--samples", type=count(1), metavar="N",
                    help="calibration samples to use (seeded subset; default all, or 64 "
                         "synthetic)")
-    g.add_argument("--batch-size", type=int, default=32, metavar="B")
+    g.add_argument("--batch-size", type=count(1), default=32, metavar="B")
     g.add_argument("--method", default="fisher", choices=score_names(),
                    help="sensitivity metric (default fisher)")
     g.add_argument("--granularity", default="auto", choices=granularities(),
@@ -460,12 +509,12 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
     g.add_argument("--loss", choices=["mse", "mae", "ce"],
                    help="task loss with targets (default: inferred); without targets "
                         "self-distillation is used")
-    g.add_argument("--ema", type=float, default=0.5,
+    g.add_argument("--ema", type=finite(), default=0.5,
                    help="fisher: EMA factor across progressive steps (--prune-steps; default "
                         "0.5); within a step the score is a mean over every calibration sample")
-    g.add_argument("--seed", type=int, default=0, help="seed for sampling and random")
-    g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
-    g.add_argument("--workers", type=int, metavar="N",
+    g.add_argument("--seed", type=count(0), default=0, help="seed for sampling and random")
+    g.add_argument("--threads", type=count(0), default=0, help="ONNX Runtime threads (0 = all)")
+    g.add_argument("--workers", type=count(1), metavar="N",
                    help="gradient scores: run the calibration batches on N Ray workers (a "
                         "local cluster unless --ray-address; needs pip install "
                         "'onnxprune[ray]'); the scores equal one process's")
@@ -478,10 +527,10 @@ def add_scoring_options(p: argparse.ArgumentParser, shape_help: str) -> None:
 
 
 def add_tolerance_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--atol", type=float, metavar="A",
+    p.add_argument("--atol", type=finite(0), metavar="A",
                    help="verification: allowed absolute difference of every output from the "
                         "gated original (default 1e-5 for float32, 4 eps for float16)")
-    p.add_argument("--rtol", type=float, metavar="R",
+    p.add_argument("--rtol", type=finite(0), metavar="R",
                    help="verification: allowed difference relative to the largest output "
                         "magnitude (default 1e-4 for float32, 16 eps for float16)")
 
@@ -497,8 +546,16 @@ def version_line() -> str:
             f"{onnxruntime.__version__}, Python {sys.version.split()[0]})")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, "onnxprune: error: MESSAGE (see onnxprune CMD --help)", exit
+    2, instead of argparse's usage block (subcommand parsers are of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"onnxprune: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="onnxprune",
         description="Structured pruning of attention and feed-forward blocks in ONNX models.",
         usage="onnxprune IN.onnx OUT.onnx --ratio R [options]\n"
@@ -506,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 3 quality gate "
                "(--max-drop) failed, 4 verification failed")
     parser.add_argument("--version", action="version", version=version_line())
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="onnxprune")
     shape_help = "concrete shape for an input with dynamic dims, e.g. x:1,336,7 (repeatable)"
 
     p = sub.add_parser("inspect", help="list attention and FFN blocks, params and FLOPs")
@@ -534,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "written, model not), 4 verification failed")
     p.add_argument("input", help="ONNX file to prune")
     p.add_argument("output", help="where to write the pruned model")
-    p.add_argument("--ratio", type=float,
+    p.add_argument("--ratio", type=finite(),
                    help="fraction of the prunable parameters (or FLOPs) to remove, in (0, 1)")
     p.add_argument("--target", choices=["params", "flops", "latency"], default="params",
                    help="what --ratio counts: params (default) or flops; latency: the "
@@ -546,12 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="append", metavar="BLOCKS",
                    help="comma-separated blocks never to prune, e.g. attn0,ffn5 (repeatable)")
     add_tolerance_options(p)
-    p.add_argument("--round-to", type=int, default=1, metavar="M",
+    p.add_argument("--round-to", type=count(1), default=1, metavar="M",
                    help="keep FFN widths and per-head QK/VO widths multiples of M")
     p.add_argument("--report", metavar="FILE.json", help="write the run report as JSON "
                    "(the same as --json FILE)")
     add_json_option(p, "the run report")
-    p.add_argument("--max-drop", type=float, metavar="X",
+    p.add_argument("--max-drop", type=finite(0), metavar="X",
                    help="quality gate: exit 3 without writing the model when the metric "
                         "degrades by more than X (relative, e.g. 0.05)")
     p.add_argument("--reconstruct", choices=["none", "scale", "refit", "auto"],
@@ -569,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-only", choices=["all", "norms", "pruned"], default="all",
                    help="weights to fine-tune: all, norm scales and biases, or those of the "
                         "pruned blocks")
-    p.add_argument("--finetune-batch-size", dest="ft_batch_size", type=int, default=32)
+    p.add_argument("--finetune-batch-size", dest="ft_batch_size", type=count(1), default=32)
     p.add_argument("--finetune-schedule", dest="ft_schedule", choices=["after", "during"],
                    default="after",
                    help="after (default): prune, then fine-tune; during: prune in "
@@ -585,11 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", metavar="FILE",
                    help="validation data (a .csv uses its val split); picks the best "
                         "checkpoint and stops early")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    p.add_argument("--batch-size", type=count(1), default=32, metavar="B")
     p.add_argument("--train-only", choices=["all", "norms"], default="all",
                    help="all weights (default) or only norm scales and biases (cheap)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--threads", type=count(0), default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_json_option(p, "the training run (steps, losses, best step)")
     add_finetune_options(p)
@@ -611,10 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["mse", "mae", "acc"],
                    help="default: inferred from the targets (integer class ids: acc and "
                         "cross-entropy; float values: mse and mae)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B")
-    p.add_argument("--samples", type=int, metavar="N", help="a seeded subset of N samples")
-    p.add_argument("--seed", type=int, default=0, help="seed for --samples")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all)")
+    p.add_argument("--batch-size", type=count(1), default=256, metavar="B")
+    p.add_argument("--samples", type=count(1), metavar="N", help="a seeded subset of N samples")
+    p.add_argument("--seed", type=count(0), default=0, help="seed for --samples")
+    p.add_argument("--threads", type=count(0), default=0, help="ONNX Runtime threads (0 = all)")
     p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help=shape_help)
     add_json_option(p, '{"model", "data", "samples", "metrics", "seconds"}')
@@ -635,9 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra-op thread counts (default 1)")
     p.add_argument("--provider", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="auto: CUDA when onnxruntime offers it, else CPU (default cpu)")
-    p.add_argument("--warmup", type=int, default=10, metavar="N",
+    p.add_argument("--warmup", type=count(0), default=10, metavar="N",
                    help="untimed runs per model first (default 10)")
-    p.add_argument("--runs", type=int, default=100, metavar="N",
+    p.add_argument("--runs", type=count(1), default=100, metavar="N",
                    help="timed runs per model (default 100)")
     p.add_argument("--shape", action="append", type=parse_shape, metavar="NAME:DIMS",
                    help="shape for inputs with dynamic dims besides the batch (its batch "
@@ -660,6 +717,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: stdout to /dev/null, so that the interpreter's last flush of the
+    unwritten output cannot fail again (no "Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):   # not a real file (a test's captured stdout)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -667,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                                              or argv[0].split("=")[0] == "--config"):
         argv.insert(0, "prune")
     try:
-        argv = apply_config(parser, argv, COMMANDS)
+        argv = json_flag_before_model(apply_config(parser, argv, COMMANDS))
     except OnnxpruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -681,11 +749,16 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxpruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:   # stdout closed early: onnxprune inspect m.onnx | head -1
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as exc:
         term = isinstance(exc, Terminated)
         print(f"onnxprune: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing "
               "written", file=sys.stderr)
         return Terminated.exit_code if term else 130
+    finally:
+        ProgressBar.close_all()
 
 
 if __name__ == "__main__":
