@@ -240,3 +240,8 @@ def test_eval_json_to_a_file_keeps_the_table(capsys, tmp_path, labelled):
     out = capsys.readouterr().out
     assert out.index("mse") < out.index(f"wrote {target}")
     assert set(json.loads(target.read_text())["metrics"]) == {"mse", "mae"}
+
+
+def test_json_as_a_flag_before_the_model_still_means_stdout(capsys):
+    data = json_out(capsys, ["inspect", "--json", MODEL])
+    assert data["blocks"][0]["name"] == "attn0"
