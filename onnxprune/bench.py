@@ -43,7 +43,7 @@ from onnxprune.callable_module import make_callable
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model
 from onnxprune.outputs import atomic_file, plot_format
-from onnxprune.runtime import synthetic_feeds, trace
+from onnxprune.runtime import ort_message, synthetic_feeds, trace
 from onnxprune.shapes import InputSpec, batch_shapes, input_specs
 from onnxprune.structure.cost import model_flops, model_params
 from onnxprune.structure.graph import GraphView
@@ -371,7 +371,7 @@ def peak_memory(m: _Model, shapes: Mapping[str, tuple[int, ...]], threads: int,
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return ort_message(text[0]) if text else type(exc).__name__
 
 
 # --- plot ---------------------------------------------------------------------------------
@@ -400,29 +400,43 @@ def short_names(paths: Sequence[str]) -> list[str]:
 
 
 def plot_bench(rows: list[BenchRow], path: str) -> None:
-    """Latency (p50, with p90 whiskers) and FLOPs side by side, one bar per model in each
-    batch × threads group."""
+    """Per batch size, its own column of axes: latency (p50, whisker p90) per model and
+    thread count on top; below, each model's measured speed-up over the first model beside
+    what its FLOPs promise (the FLOPs-ideal 1 / FLOPs ratio, a black tick)."""
     plt = _pyplot()
     models = list(dict.fromkeys(r.model for r in rows))
     names = short_names(models)
-    groups = list(dict.fromkeys((r.batch, r.threads) for r in rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(models)
-    x = np.arange(len(groups))
-    for k, (model, name) in enumerate(zip(models, names)):
-        by = {(r.batch, r.threads): r for r in rows if r.model == model}
-        p50 = [by[g].latency_p50_ms for g in groups]
-        err = [by[g].latency_p90_ms - by[g].latency_p50_ms for g in groups]
-        flops = [by[g].flops / 1e6 for g in groups]
-        left.bar(x + k * width, p50, width, yerr=[[0] * len(err), err], label=name, capsize=3)
-        right.bar(x + k * width, flops, width, label=name)
-    labels = [f"batch {b}\n{t} thread{'s' if t > 1 else ''}" for b, t in groups]
-    for ax, title, unit in ((left, "latency (p50, whisker p90)", "ms"),
-                            (right, "FLOPs", "MFLOPs")):
-        ax.set_xticks(x + width * (len(models) - 1) / 2, labels)
-        ax.set_title(title)
-        ax.set_ylabel(unit)
-    left.legend(fontsize="small")
+    batches = sorted({r.batch for r in rows})
+    threads = sorted({r.threads for r in rows})
+    fig, axes = plt.subplots(2, len(batches), figsize=(4.5 * len(batches) + 1, 7),
+                             squeeze=False)
+    width = 0.8 / len(threads)
+    x = np.arange(len(models))
+    for col, batch in enumerate(batches):
+        top, bottom = axes[0][col], axes[1][col]
+        by = {(r.model, r.threads): r for r in rows if r.batch == batch}
+        for k, t in enumerate(threads):
+            got = [by.get((m, t)) for m in models]
+            p50 = [r.latency_p50_ms if r else np.nan for r in got]
+            err = [r.latency_p90_ms - r.latency_p50_ms if r else 0 for r in got]
+            label = f"{t} thread{'s' if t > 1 else ''}"
+            top.bar(x + k * width, p50, width, yerr=[[0] * len(err), err], capsize=3,
+                    label=label)
+            bottom.bar(x + k * width, [r.speedup if r else np.nan for r in got], width,
+                       label=f"measured, {label}")
+            bottom.scatter(x + k * width, [r.ideal_speedup if r else np.nan for r in got],
+                           marker="_", s=400, color="black", zorder=3,
+                           label="FLOPs-ideal" if k == 0 else None)
+        bottom.axhline(1.0, color="grey", lw=0.8)
+        for ax, title, unit in ((top, f"batch {batch}: latency (p50, whisker p90)", "ms"),
+                                (bottom, f"batch {batch}: speed-up vs the first model",
+                                 "× faster")):
+            ax.set_xticks(x + width * (len(threads) - 1) / 2, names, rotation=15,
+                          fontsize="small")
+            ax.set_title(title, fontsize="medium")
+            ax.set_ylabel(unit)
+    axes[0][0].legend(fontsize="small")
+    axes[1][0].legend(fontsize="small")
     fig.suptitle(f"onnxprune bench ({rows[0].provider}, {rows[0].runs} runs)")
     fig.tight_layout()
     try:

@@ -121,14 +121,22 @@ def prune_summary(report) -> str:
               f"{': ' + made if made else ''})" if data["data_free"]
               else f"{data['source']} ({data['samples']} samples)")
     qb, qa = report.quality_before, report.quality_after
+    counted = "FLOPs" if report.target == "flops" else "params"
+    prunable = [(f"  prunable {counted}", human(report.prunable_before),
+                 human(report.prunable_after),
+                 _change(report.prunable_before, report.prunable_after))
+                ] if getattr(report, "prunable_before", 0) else []
     rows = [
         ("params", human(report.params_before), human(report.params_after),
          _change(report.params_before, report.params_after)),
+        *(prunable if counted == "params" else []),
         ("FLOPs", human(report.flops_before), human(report.flops_after),
          _change(report.flops_before, report.flops_after)),
+        *(prunable if counted == "FLOPs" else []),
         ("calib loss", f"{report.loss_before:.4g}", f"{report.loss_after:.4g}",
          _change(report.loss_before, report.loss_after)),
-        (qb.name, f"{qb.value:.4g}", f"{qa.value:.4g}", f"drop {report.drop:+.2%}"),
+        (_metric_label(qb.name), f"{qb.value:.4g}", f"{qa.value:.4g}",
+         _change(qb.value, qa.value)),
     ]
     lines = [f"method {report.method}, granularity {report.granularity}, loss {report.loss}, "
              f"data {source}",
@@ -136,8 +144,9 @@ def prune_summary(report) -> str:
              + (f": {report.steps[-1].removed_fraction:.1%} of the prunable "
                 f"{'FLOPs' if report.target == 'flops' else 'parameters'}"
                 if report.steps else ""),
-             f"{'':<12}{'before':>12}{'after':>12}{'change':>14}"]
-    lines += [f"{a:<12}{b:>12}{c:>12}{d:>14}" for a, b, c, d in rows]
+             f"{'':<18}{'before':>12}{'after':>12}{'change':>10}"]
+    lines += [f"{a:<18}{b:>12}{c:>12}{d:>10}" for a, b, c, d in rows]
+    lines += block_lines(getattr(report, "blocks", []))
     for step in report.steps:
         for note in step.fallbacks:
             lines.append(f"note: step {step.step}: {note}")
@@ -148,6 +157,37 @@ def prune_summary(report) -> str:
     lines.append(f"verified exact against the gated original (max |diff| {worst:.2e}); "
                  f"{report.seconds:.1f} s")
     return "\n".join(lines)
+
+
+def block_order(name: str) -> tuple:
+    """Sort key: blocks in numeric order (attn9 before attn10), attention before FFN of a
+    layer number."""
+    head = name.rstrip("0123456789")
+    number = name[len(head):]
+    return (int(number) if number else -1, head != "attn", head)
+
+
+def _metric_label(name: str) -> str:
+    return name.upper() if name in ("mse", "mae") else name
+
+
+def block_lines(blocks) -> list[str]:
+    """The blocks the run changed, one line each (heads 16 -> 12, channels 256 -> 171)."""
+    changed = [b for b in blocks if b.changed]
+    if not changed:
+        return []
+    lines = ["block     sizes before -> after"]
+    for b in changed:
+        if b.after is None:
+            lines.append(f"  {b.block:<8}removed whole")
+            continue
+        sizes = ", ".join(f"{k.replace('_', ' ')} {v} -> {b.after.get(k, 0)}"
+                          for k, v in b.before.items() if b.after.get(k, 0) != v)
+        lines.append(f"  {b.block:<8}{sizes or 'removed whole'}")
+    if len(changed) < len(blocks):
+        same = len(blocks) - len(changed)
+        lines.append(f"  ({same} other block{'s' if same > 1 else ''} unchanged)")
+    return lines
 
 
 def exclusion_lines(excluded: list[dict]) -> list[str]:
@@ -172,8 +212,8 @@ def scores_table(scores) -> str:
              f"({scores.seconds:.1f} s); higher = more important"]
     for note in scores.fallbacks:
         lines.append(f"note: {note}")
-    for (block, kind), value in sorted(scores.values.items(), key=lambda kv: (kv[0][0],
-                                                                             kv[0][1].gate)):
+    for (block, kind), value in sorted(scores.values.items(),
+                                       key=lambda kv: (block_order(kv[0][0]), kv[0][1].gate)):
         v = np.asarray(value, dtype=float)
         kind = kind.gate
         if v.ndim == 0:
@@ -184,8 +224,31 @@ def scores_table(scores) -> str:
     return "\n".join(lines)
 
 
+def _heatmap(fig, ax, rows: dict[str, np.ndarray], unit: str, title: str) -> None:
+    """Blocks (numeric order, top to bottom) × units, on a log colour scale when every
+    score is positive (scores span orders of magnitude)."""
+    from matplotlib.colors import LogNorm
+
+    ax.set_title(title)
+    if not rows:
+        ax.set_axis_off()
+        return
+    names = sorted(rows, key=block_order)
+    grid = np.full((len(names), max(len(rows[n]) for n in names)), np.nan)
+    for i, n in enumerate(names):
+        grid[i, :len(rows[n])] = rows[n]
+    finite = grid[np.isfinite(grid)]
+    norm = LogNorm(finite.min(), finite.max()) \
+        if finite.size and finite.min() > 0 and finite.max() > finite.min() else None
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel(unit)
+    fig.colorbar(im, ax=ax, label="score (log)" if norm else "score")
+
+
 def plot_scores(scores, path: str) -> None:
-    """Heatmaps: attention layers × heads, and module scores (needs matplotlib)."""
+    """Heatmaps of the scores: attention layers × heads and FFN layers × channels (numeric
+    block order, log colour scale), and the whole-module scores (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -196,23 +259,18 @@ def plot_scores(scores, path: str) -> None:
 
         raise OnnxpruneError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
     heads = {b: np.asarray(v) for (b, k), v in scores.values.items() if k is unit_kind("head")}
+    channels = {b: np.asarray(v) for (b, k), v in scores.values.items()
+                if k is unit_kind("ch")}
     modules = {b: float(v) for (b, k), v in scores.values.items() if k.whole}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[3, 1])
-    if heads:
-        names = sorted(heads, key=lambda n: int(n[4:]))
-        width = max(len(heads[n]) for n in names)
-        grid = np.full((len(names), width), np.nan)
-        for i, n in enumerate(names):
-            grid[i, :len(heads[n])] = heads[n]
-        im = axes[0].imshow(grid, aspect="auto", cmap="viridis")
-        axes[0].set_yticks(range(len(names)), names)
-        axes[0].set_xlabel("head")
-        fig.colorbar(im, ax=axes[0])
-    axes[0].set_title(f"{scores.method}: head sensitivity")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), width_ratios=[2, 3, 1])
+    _heatmap(fig, axes[0], heads, "head", f"{scores.method}: heads")
+    _heatmap(fig, axes[1], channels, "FFN channel", f"{scores.method}: FFN channels")
     if modules:
-        names = sorted(modules)
-        axes[1].barh(names, [modules[n] for n in names])
-    axes[1].set_title("module sensitivity")
+        names = sorted(modules, key=block_order, reverse=True)   # first block on top
+        axes[2].barh(names, [modules[n] for n in names])
+        if min(modules.values()) > 0:
+            axes[2].set_xscale("log")
+    axes[2].set_title("whole modules")
     fig.tight_layout()
     from onnxprune.outputs import atomic_file, plot_format
 
