@@ -97,9 +97,12 @@ def run_command(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         return args.func(args)
 def json_flag_before_model(argv: list[str]) -> list[str]:
-    """``--json`` as a flag before a model path (``inspect --json m.onnx``, as it was used
-    when --json took no value) means stdout: no JSON output is named *.onnx."""
+    """``--json`` as a flag before the model path of inspect, score and eval (``inspect
+    --json m.onnx``, as it was used when their --json took no value) means stdout. Other
+    commands took no such flag: there ``--json m.onnx`` stays a path (refused as an input)."""
     out = list(argv)
+    if not out or out[0] not in ("inspect", "score", "eval"):
+        return out
     for i, token in enumerate(out[:-1]):
         if token == "--":
             break
