@@ -55,7 +55,8 @@ def no_work(monkeypatch):
     import onnxprune.cli
 
     monkeypatch.setattr(onnxprune.cli, "load_model", refuse)
-    monkeypatch.setattr(onnxprune.cli.api, "bench", refuse)
+    for name in ("bench", "evaluate"):
+        monkeypatch.setattr(onnxprune.cli.api, name, refuse)
 
 
 def external(folder: Path, location: str = "model.onnx.data") -> Path:
@@ -73,10 +74,11 @@ def external(folder: Path, location: str = "model.onnx.data") -> Path:
     "cut_over_external_data", "cut_over_nested_external_data", "cut_side_file_over_data",
     "cut_over_input_by_symlink", "prune_over_calib", "report_over_calib",
     "report_over_output", "report_over_input", "finetune_over_train", "finetune_over_val",
-    "score_plot_over_input", "bench_json_over_model", "bench_json_over_plot"])
+    "score_plot_over_input", "bench_json_over_model", "bench_json_over_plot",
+    "inspect_json_over_input", "eval_json_over_data"])
 def test_an_output_that_is_an_input_is_refused_before_any_work(job, capsys, no_work, case):
     m = str(job / "model.onnx")
-    for name in ("calib.npz", "train.npz", "val.npz"):
+    for name in ("calib.npz", "train.npz", "val.npz"):   # content never read
         (job / name).write_bytes(b"data the run reads")
     argv, expected = {
         "cut_over_external_data": (["cut", m, str(job / "model.onnx.data"), *CUT],
@@ -103,6 +105,10 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(job, capsys, no_w
         "bench_json_over_model": (["bench", m, "--json", m], "input"),
         "bench_json_over_plot": (["bench", m, "--json", str(job / "b.png"), "--plot",
                                   str(job / "b.png")], "also"),
+        "inspect_json_over_input": (["inspect", str(job / "model.pb"), "--json",
+                                     str(job / "model.pb")], "input file"),
+        "eval_json_over_data": (["eval", m, "--data", str(job / "val.npz"), "--json",
+                                 str(job / "val.npz")], "--data"),
     }[case]
     if case == "cut_over_external_data":
         external(job)
@@ -114,6 +120,8 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(job, capsys, no_w
         expected = "external-data file"
     elif case == "cut_over_input_by_symlink":
         (job / "link.onnx").symlink_to(job / "model.onnx")
+    elif case == "inspect_json_over_input":   # (--json X.onnx reads as the flag, then a model)
+        (job / "model.pb").write_bytes((job / "model.onnx").read_bytes())
     before = snapshot(job)
     nested = snapshot(job / "w") if (job / "w").exists() else None
     assert main(argv) == 2
