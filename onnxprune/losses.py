@@ -233,7 +233,11 @@ def quality(spec: LossSpec, outputs: Mapping[str, np.ndarray],
     t = np.asarray(targets[name])
     if spec.kind == "ce":
         ids = t if np.issubdtype(t.dtype, np.integer) else t.argmax(-1)
-        return Quality("accuracy", float((y.argmax(-1) == ids.reshape(-1)).mean()), True)
+        top = y.argmax(-1).reshape(-1)   # a class per sample, or per position of a sequence
+        if top.size != ids.size:
+            raise OnnxpruneError(f"--loss ce: output {name} gives {top.size} class "
+                                 f"prediction(s), its targets {ids.size} class(es)")
+        return Quality("accuracy", float((top == ids.reshape(-1)).mean()), True)
     if spec.kind == "mae":
         return Quality("mae", float(np.abs(y - t).mean()), False)
     return Quality("mse", float(((y - t) ** 2).mean()), False)

@@ -49,8 +49,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 _WEIGHT_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger",
                          "LayerNormalization", "SkipLayerNormalization",
                          "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-                         "BatchNormalization", "InstanceNormalization", "Attention",
-                         "MultiHeadAttention", "FastGelu", "BiasGelu"})
+                         "BatchNormalization", "InstanceNormalization", "FastGelu",
+                         "BiasGelu"})   # not the attention ops: their masks may be -inf
 _T = onnx.TensorProto
 _FLOATS = (_T.FLOAT, _T.FLOAT16, _T.DOUBLE, _T.BFLOAT16)
 # where each element type keeps its values when not in raw_data (and values per element)

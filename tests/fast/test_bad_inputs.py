@@ -355,3 +355,24 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE, err
     assert err == ""
 
+
+
+# --- what the checks must not refuse, and a crash found on the way --------------------------
+
+def test_a_minus_inf_mask_is_not_a_bad_weight(tmp_path, capsys):
+    """inf is refused in weights (MatMul, Gemm, Conv, norms), not in a -inf attention mask
+    added before the Softmax."""
+    model = attention_model(mask=True)
+    _set_value("mask", (0, 0, 0, 2), -np.inf)(model)
+    assert main(["inspect", _save(model, tmp_path / "m.onnx")]) == 0
+    assert "attn0" in capsys.readouterr().out
+
+
+def test_ce_accuracy_on_sequence_outputs_with_soft_targets():
+    """--loss ce with float targets on a [N, T, K] output (a forecaster's csv): one class per
+    position, not a broadcasting ValueError."""
+    from onnxprune.losses import LossSpec, quality
+
+    y = np.random.default_rng(0).standard_normal((4, 6, 3))
+    got = quality(LossSpec("ce", ("y",), distill=False), {"y": y}, {"y": y.copy()}, {})
+    assert got.name == "accuracy" and got.value == 1.0
