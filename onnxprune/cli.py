@@ -77,8 +77,10 @@ def add_json_option(p: argparse.ArgumentParser, what: str) -> None:
 def emit_json(args: argparse.Namespace, data: dict, path: str | None = None,
               say: bool = True) -> None:
     """The command's JSON: on the real stdout for ``--json``/``--json -``, else written to
-    the file (``path``, default ``--json FILE``)."""
+    the file (``path``, default ``--json FILE``). NaN and inf (a diverged loss) are written
+    as null: JSON has no such numbers, and a strict reader (jq) refuses them."""
     path = path or args.json
+    data = json_safe(data)
     if path == "-":
         out = getattr(args, "stdout", None) or sys.stdout
         out.write(json.dumps(data, indent=2) + "\n")
@@ -87,6 +89,17 @@ def emit_json(args: argparse.Namespace, data: dict, path: str | None = None,
         write_json(path, data)
         if say:
             print(f"wrote {path}")
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None (recursively)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def run_command(args: argparse.Namespace) -> int:

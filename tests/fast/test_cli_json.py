@@ -245,3 +245,17 @@ def test_eval_json_to_a_file_keeps_the_table(capsys, tmp_path, labelled):
 def test_json_as_a_flag_before_the_model_still_means_stdout(capsys):
     data = json_out(capsys, ["inspect", "--json", MODEL])
     assert data["blocks"][0]["name"] == "attn0"
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    """JSON has no NaN or inf: a diverged loss is written as null, so strict readers work."""
+    import argparse
+
+    from onnxprune.cli import emit_json
+
+    target = tmp_path / "x.json"
+    emit_json(argparse.Namespace(json=str(target)),
+              {"loss": [1.0, float("nan")], "best": float("inf"), "n": 3}, say=False)
+    text = target.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": [1.0, None], "best": None, "n": 3}
