@@ -92,7 +92,7 @@ class RayCluster:
         workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
         offsets = np.cumsum([0] + [_size(inputs) for inputs, _ in batches])
         signs = [acc.signs(_size(inputs)) for inputs, _ in batches]   # in batch order
-        model = ray.put(analysis.model.SerializeToString())
+        model = ray.put(_model_bytes(analysis))
         task = ray.remote(num_cpus=cpus, max_retries=0)(score_shard)
         shards = [s for s in np.array_split(np.arange(len(batches)), workers) if len(s)]
         refs = [task.remote(model, dict(analysis.structure.input_shapes), spec,
@@ -138,6 +138,14 @@ def score_shard(model: bytes, shapes: dict[str, tuple[int, ...]], spec: LossSpec
     except NoGradientError as exc:
         return gates, [], str(exc)
     return gates, parts, None
+
+
+def _model_bytes(analysis: Analysis) -> bytes:
+    try:
+        return analysis.model.SerializeToString()
+    except ValueError as exc:   # protobuf's 2 GB limit
+        raise OnnxpruneError(f"--workers: the model cannot be sent to Ray workers ({exc}); "
+                             "models over 2 GB are scored in one process for now") from None
 
 
 def _size(inputs: dict) -> int:
