@@ -42,7 +42,7 @@ import onnxruntime as ort
 from onnxprune.callable_module import make_callable
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model
-from onnxprune.outputs import atomic_file, plot_format
+from onnxprune.outputs import save_figure
 from onnxprune.runtime import ort_message, synthetic_feeds, trace
 from onnxprune.shapes import InputSpec, batch_shapes, input_specs
 from onnxprune.structure.cost import model_flops, model_params
@@ -440,8 +440,7 @@ def plot_bench(rows: list[BenchRow], path: str) -> None:
     fig.suptitle(f"onnxprune bench ({rows[0].provider}, {rows[0].runs} runs)")
     fig.tight_layout()
     try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=120, format=plot_format(path))
+        save_figure(fig, path)
     finally:
         plt.close(fig)
 

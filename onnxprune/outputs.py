@@ -34,7 +34,7 @@ PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", 
 # CLI attribute -> how a message names it; a string value is a path, anything else is not
 READ_ARGS = {"input": "the input file", "model": "the input file", "models": "an input model",
              "calib": "the --calib file", "train": "the --train file", "val": "the --val file",
-             "data": "the --data file"}
+             "data": "the --data file", "config": "the --config file"}
 WRITE_ARGS = {"output": "output path", "report": "--report path", "plot": "--plot path",
               "json": "--json path"}
 MODEL_WRITES = {"output"}   # written by save_model: also checked for its <out>.data side file
@@ -300,6 +300,13 @@ def atomic_file(target: str | os.PathLike) -> Iterator[str]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    """A matplotlib figure, written like every output, in the format its extension names
+    (png without one)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=plot_format(path))
 
 
 # --- the run: what it created, and signals ------------------------------------------------

@@ -272,10 +272,9 @@ def plot_scores(scores, path: str) -> None:
             axes[2].set_xscale("log")
     axes[2].set_title("whole modules")
     fig.tight_layout()
-    from onnxprune.outputs import atomic_file, plot_format
+    from onnxprune.outputs import save_figure
 
     try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=120, format=plot_format(path))
+        save_figure(fig, path)
     finally:
         plt.close(fig)

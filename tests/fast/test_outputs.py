@@ -75,7 +75,7 @@ def external(folder: Path, location: str = "model.onnx.data") -> Path:
     "cut_over_input_by_symlink", "prune_over_calib", "report_over_calib",
     "report_over_output", "report_over_input", "finetune_over_train", "finetune_over_val",
     "score_plot_over_input", "bench_json_over_model", "bench_json_over_plot",
-    "inspect_json_over_input", "eval_json_over_data"])
+    "inspect_json_over_input", "eval_json_over_data", "cut_over_config"])
 def test_an_output_that_is_an_input_is_refused_before_any_work(job, capsys, no_work, case):
     m = str(job / "model.onnx")
     for name in ("calib.npz", "train.npz", "val.npz"):   # content never read
@@ -109,6 +109,8 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(job, capsys, no_w
                                      str(job / "model.pb")], "input file"),
         "eval_json_over_data": (["eval", m, "--data", str(job / "val.npz"), "--json",
                                  str(job / "val.npz")], "--data"),
+        "cut_over_config": (["cut", m, str(job / "cut.toml"), "--config",
+                             str(job / "cut.toml")], "--config"),
     }[case]
     if case == "cut_over_external_data":
         external(job)
@@ -120,6 +122,8 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(job, capsys, no_w
         expected = "external-data file"
     elif case == "cut_over_input_by_symlink":
         (job / "link.onnx").symlink_to(job / "model.onnx")
+    elif case == "cut_over_config":
+        (job / "cut.toml").write_text('remove = "attn0.head1"\n')
     elif case == "inspect_json_over_input":   # (--json X.onnx reads as the flag, then a model)
         (job / "model.pb").write_bytes((job / "model.onnx").read_bytes())
     before = snapshot(job)
@@ -373,3 +377,45 @@ def test_write_json_full_disk(tmp_path, monkeypatch):
     with pytest.raises(outputs.OnnxpruneError, match="cannot write: No space"):
         write_json(str(tmp_path / "no.json"), {"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+# --- plots: the same atomic writer (``save_figure``; a stand-in for a matplotlib figure) ---
+
+class FakeFigure:
+    def __init__(self, fail: OSError | None = None) -> None:
+        self.fail, self.saved = fail, []
+
+    def savefig(self, path, dpi=None, format=None):
+        Path(path).write_bytes(f"image/{format}".encode())   # what matplotlib would write
+        self.saved.append(path)
+        if self.fail:
+            raise self.fail
+
+
+@pytest.mark.parametrize("name,fmt", [("scores.png", "png"), ("scores.PDF", "pdf"),
+                                      ("scores", "png")])
+def test_plot_is_written_atomically_in_its_format(tmp_path, umask, name, fmt):
+    umask(0o022)
+    fig = FakeFigure()
+    outputs.save_figure(fig, tmp_path / name)
+    assert Path(fig.saved[0]).parent == tmp_path
+    assert Path(fig.saved[0]).name.startswith(f".{name}.")
+    assert (tmp_path / name).read_bytes() == f"image/{fmt}".encode()
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_plot_on_a_full_disk_leaves_nothing(tmp_path):
+    fig = FakeFigure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(outputs.OnnxpruneError, match="cannot write: No space"):
+        outputs.save_figure(fig, tmp_path / "scores.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_both_plots_use_save_figure():
+    import inspect
+
+    from onnxprune import bench, report
+
+    for function in (report.plot_scores, bench.plot_bench):
+        assert "save_figure(fig, path)" in inspect.getsource(function)
