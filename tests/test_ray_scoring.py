@@ -5,6 +5,7 @@ flag nothing imports ray."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,16 @@ def test_main_job_removes_the_same_units_on_two_workers(cluster):
     _, two = onnxprune.prune(MODEL, 0.3, _calib(), workers=2, **options)
     assert one.removed and one.removed == two.removed
     assert one.scores == two.scores
+
+
+def test_score_command_on_two_workers_prints_the_same_scores(cluster, capsys):
+    argv = ["score", str(MODEL), "--calib", _calib(), "--samples", "32", "--batch-size", "8",
+            "--quiet", "--json", "-"]
+    assert main(argv) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--workers", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert one["units"] and one["units"] == two["units"]
 
 
 def test_workers_without_ray_is_one_line(monkeypatch, capsys, tmp_path):

@@ -73,7 +73,7 @@ class RayCluster:
     def connect(self, cpus: int):
         ray = require_ray()
         if not ray.is_initialized():
-            options = {"include_dashboard": False, "logging_level": logging.WARNING,
+            options = {"include_dashboard": False, "logging_level": logging.ERROR,
                        "log_to_driver": False}
             if self.address:
                 ray.init(address=self.address, **options)
@@ -145,7 +145,7 @@ def _model_bytes(analysis: Analysis) -> bytes:
         return analysis.model.SerializeToString()
     except ValueError as exc:   # protobuf's 2 GB limit
         raise OnnxpruneError(f"--workers: the model cannot be sent to Ray workers ({exc}); "
-                             "models over 2 GB are scored in one process for now") from None
+                             "score models over 2 GB without --workers for now") from None
 
 
 def _size(inputs: dict) -> int:
