@@ -259,3 +259,18 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
     text = target.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"loss": [1.0, None], "best": None, "n": 3}
+
+
+@pytest.mark.parametrize("granularity, ratio", [("channel", 0.15), ("head", 0.25),
+                                                ("ffn", 0.3)])
+def test_progressive_names_follow_every_renumbering(granularity, ratio):
+    """Per-head QK/VO channels (rows shrink with the heads), heads and FFN channels: the
+    original-numbered ``removed`` cut in one go equals the three-step run."""
+    pruned, report = onnxprune.prune(MODEL, ratio, None, method="magnitude",
+                                     granularity=granularity, samples=8, steps=3,
+                                     reconstruct="none")
+    assert len(report.steps) == 3 and not any(u.startswith("step") for u in report.removed)
+    again = onnxprune.cut(MODEL, report.removed).model
+    x = {"x": np.random.default_rng(2).standard_normal((2, 336, 7)).astype(np.float32)}
+    np.testing.assert_allclose(run(make_session(pruned), x)["y"],
+                               run(make_session(again), x)["y"], rtol=0, atol=1e-5)
