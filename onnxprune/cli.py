@@ -11,7 +11,9 @@ FILE) and --config FILE.toml (options from a file; flags given on the command li
 
 Exit codes: 0 success, 1 internal error (a bug: please report), 2 bad input or a model that
 cannot be pruned as asked, 3 the quality gate (--max-drop) failed: report written, model
-not, 4 the rewritten model failed verification (nothing written).
+not, 4 the rewritten model failed verification (nothing written), 130/143 interrupted
+(Ctrl-C/SIGTERM), 141 stdout closed early (| head; nothing written). Bad input is one line,
+"onnxprune: error: ...", never a traceback; argument errors too.
 """
 
 from __future__ import annotations
@@ -577,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         usage="onnxprune IN.onnx OUT.onnx --ratio R [options]\n"
               "       onnxprune {inspect,cut,prune,score,finetune,eval,bench} ...",
         epilog="exit codes: 0 ok, 1 internal error, 2 bad input, 3 quality gate "
-               "(--max-drop) failed, 4 verification failed")
+               "(--max-drop) failed, 4 verification failed, 141 stdout closed early")
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="onnxprune")
     shape_help = "concrete shape for an input with dynamic dims, e.g. x:1,336,7 (repeatable)"
