@@ -103,3 +103,30 @@ def test_without_the_flags_nothing_imports_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_that_cannot_differentiate_reports_it(monkeypatch):
+    """A shard's task (run here, without Ray) yields its gate inputs, then the reason onnx-ad
+    refused; the driver raises it as NoGradientError and fisher falls back as in one process."""
+    import onnx_ad
+
+    from onnxprune.batches import LossBatches
+    from onnxprune.data import load_or_synthesise
+    from onnxprune.losses import choose_loss
+    from onnxprune.scores.distributed import score_shard
+    from onnxprune.structure.discover import analyse
+
+    def refuse(*args, **kwargs):
+        raise onnx_ad.UnsupportedOperator("no reverse rule for FancyOp (node 'n0')")
+
+    monkeypatch.setattr(onnx_ad, "reverse", refuse)
+    model = onnxprune.modelio.load_model(MODEL)
+    data = load_or_synthesise(model, None, 4, 0, None)
+    analysis = analyse(model)
+    spec = choose_loss(model, data.targets)
+    (inputs, targets), = LossBatches(model, data, spec, 4, 0).gradient_batches()
+    out = list(score_shard(analysis.model.SerializeToString(),
+                           dict(analysis.structure.input_shapes), spec, ["head"], False, 1,
+                           True, [(inputs, targets, np.ones(4), 0)]))
+    assert len(out) == 2 and out[0] and all(isinstance(g, str) for g in out[0])
+    assert isinstance(out[1], str) and "FancyOp" in out[1]

@@ -6,9 +6,10 @@ the loss, the unit kinds, and its shard: per batch the inputs, the loss targets 
 the driver for self-distillation, so they do not depend on the sharding), the sketch's random
 signs and the number of samples before the batch. It analyses the model and builds its own
 gradient graph and ONNX Runtime session (:class:`~onnxprune.scores.gradient.GradientPass`),
-and returns one :class:`~onnxprune.scores.gradient.BatchSums` per batch: sums of g, g², |g|
-per unit, the sketch rows the batch adds to. The driver adds them in batch order, exactly
-as the single process does, so the scores are identical to a single-process run.
+and streams back one :class:`~onnxprune.scores.gradient.BatchSums` per batch as it is scored:
+sums of g, g², |g| per unit, the sketch rows the batch adds to. The driver adds them in batch
+order, exactly as the single process does, so the scores are identical to a single-process
+run; results of later shards wait in the object store, not in the driver's memory.
 
 Ray is optional (``pip install 'onnxprune[ray]'``); nothing here imports it until a cluster
 is used. Only gradient scores (fisher, lim, taylor, send) are distributed; the others
@@ -93,51 +94,53 @@ class RayCluster:
         offsets = np.cumsum([0] + [_size(inputs) for inputs, _ in batches])
         signs = [acc.signs(_size(inputs)) for inputs, _ in batches]   # in batch order
         model = ray.put(_model_bytes(analysis))
-        task = ray.remote(num_cpus=cpus, max_retries=0)(score_shard)
+        task = ray.remote(num_cpus=cpus, max_retries=0, num_returns="streaming")(score_shard)
         shards = [s for s in np.array_split(np.arange(len(batches)), workers) if len(s)]
-        refs = [task.remote(model, dict(analysis.structure.input_shapes), spec,
-                            sorted(k.key for k in kinds), send, cpus, acc.sketch,
-                            [(*batches[i], signs[i], int(offsets[i])) for i in shard])
-                for shard in shards]
+        streams = [task.remote(model, dict(analysis.structure.input_shapes), spec,
+                               sorted(k.key for k in kinds), send, cpus, acc.sketch,
+                               [(*batches[i], signs[i], int(offsets[i])) for i in shard])
+                   for shard in shards]
         wanted = list(acc.gates)
         done = 0
         try:
-            for ref in refs:   # in order: the driver adds the batches as one process would
-                gates, parts, error = ray.get(ref)
-                if error is not None:
-                    raise NoGradientError(error)
+            # shard by shard, batch by batch as each arrives: the driver adds the batches in
+            # the order one process would (later shards wait in the object store)
+            for stream in streams:
+                gates = ray.get(next(stream))
                 if gates != wanted:
                     raise OnnxpruneError(f"a Ray worker gated the model differently: "
                                          f"{gates[:3]} vs {wanted[:3]} (different onnxprune "
                                          "versions on the cluster?)")
-                for part in parts:
+                for ref in stream:
+                    part = ray.get(ref)
+                    if isinstance(part, str):
+                        raise NoGradientError(part)
                     yield part
                     done += 1
                     if progress:
                         progress(done, len(batches))
         finally:   # an error or an interrupt: stop the shards still running
             if done < len(batches):
-                for ref in refs:
-                    ray.cancel(ref, force=True)
+                for stream in streams:
+                    ray.cancel(stream, force=True)
 
 
 def score_shard(model: bytes, shapes: dict[str, tuple[int, ...]], spec: LossSpec,
                 kinds: list[str], send: bool, threads: int, sketch: bool,
                 shard: list[tuple[dict, dict, np.ndarray, int]]
-                ) -> tuple[list[str], list[BatchSums], str | None]:
-    """A Ray task: the gate inputs, one ``BatchSums`` per batch of the shard, and the reason
-    when the model cannot be differentiated (the driver falls back)."""
+                ) -> Iterator[list[str] | BatchSums | str]:
+    """A Ray task (a streaming generator): the gate inputs, then one ``BatchSums`` per batch
+    of the shard as it is scored, or the reason the model cannot be differentiated (the
+    driver falls back to forward-only scores)."""
     analysis = analyse(onnx.load_from_string(model), shapes)
     grad = GradientPass(analysis, spec, {unit_kind(k) for k in kinds}, threads, send=send)
-    gates = [g.input for g in grad.gates]
-    parts = []
+    yield [g.input for g in grad.gates]
     try:
         for inputs, targets, signs, offset in shard:
             _, grads = grad(inputs, targets)
-            parts.append(batch_sums(grads, signs, offset, sketch))
+            yield batch_sums(grads, signs, offset, sketch)
     except NoGradientError as exc:
-        return gates, [], str(exc)
-    return gates, parts, None
+        yield str(exc)
 
 
 def _model_bytes(analysis: Analysis) -> bytes:
