@@ -763,7 +763,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:   # SIGTERM unwinds like Ctrl-C; a failed run removes every file it wrote
         with sigterm_as_interrupt(), transaction():
-            return run_command(args)
+            code = run_command(args)
+            sys.stdout.flush()   # a closed pipe fails here, handled below, not at exit
+            return code
     except OnnxpruneError as exc:
         print(f"onnxprune: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,6 +9,7 @@ add, and a closed stdout (``onnxprune inspect m.onnx | head -1``) ends quietly.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import zipfile
@@ -342,19 +343,28 @@ def test_stat_scores_parallel_blocks_and_blocks_without_residual(form, tmp_path,
 
 # --- a closed stdout ------------------------------------------------------------------------
 
-def test_a_closed_stdout_ends_quietly(tmp_path):
+@pytest.mark.parametrize("buffered", [True, False])
+@pytest.mark.parametrize("command", ["inspect", "cut"])
+def test_a_closed_stdout_ends_quietly(tmp_path, command, buffered):
     """``onnxprune inspect m.onnx | head -0``: no BrokenPipeError traceback, no "Exception
-    ignored" at exit; the exit status is 141 (128 + SIGPIPE), as a shell reports for any
-    tool a closed pipe stops."""
+    ignored" at exit (a block-buffered stdout fails only when flushed); the exit status is
+    141 (128 + SIGPIPE), as a shell reports for any tool a closed pipe stops, and, as on any
+    failure, nothing is written."""
     path = _model(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "onnxprune.cli", "inspect", path],
+    out = tmp_path / "out.onnx"
+    argv = ["inspect", path] if command == "inspect" else \
+        ["cut", path, str(out), "--remove", "attn0.head1"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "onnxprune.cli", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     proc.stdout.close()   # the reader is gone before anything is printed
     err = proc.stderr.read().decode()
     proc.stderr.close()
     assert proc.wait(timeout=120) == EXIT_BROKEN_PIPE, err
     assert err == ""
-
+    assert not out.exists()
 
 
 # --- what the checks must not refuse, and a crash found on the way --------------------------
