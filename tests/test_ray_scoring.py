@@ -53,6 +53,17 @@ def _assert_same(one, two) -> None:
                                           err_msg=f"{key} {name}")
 
 
+def test_a_bad_ray_address_is_one_line(capsys):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():   # a joined cluster is used as it is, whatever the address
+        pytest.skip("ray is already initialised in this process")
+    argv = ["score", str(MODEL), "--samples", "4", "--ray-address", "no-such-address"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["onnxprune: error: --ray-address no-such-address: cannot join the Ray "
+                   "cluster: Invalid address format: no-such-address"]
+
+
 @pytest.mark.parametrize("method,data", [("fisher", "etth1"), ("taylor", "etth1"),
                                          ("fisher", "data-free")])
 def test_two_workers_score_exactly_as_one_process(cluster, method, data):

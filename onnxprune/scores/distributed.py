@@ -77,7 +77,12 @@ class RayCluster:
             options = {"include_dashboard": False, "logging_level": logging.ERROR,
                        "log_to_driver": False}
             if self.address:
-                ray.init(address=self.address, **options)
+                try:
+                    ray.init(address=self.address, **options)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise OnnxpruneError(f"--ray-address {self.address}: cannot join the Ray "
+                                         f"cluster: {first or type(exc).__name__}") from None
             else:   # a local cluster wide enough for every worker at once
                 ray.init(num_cpus=max(os.cpu_count() or 1, self.workers * cpus), **options)
         return ray
