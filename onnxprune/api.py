@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from onnxprune.latency import prune_for_latency
 from onnxprune.losses import Quality, choose_loss
 from onnxprune.modelio import load_model
 from onnxprune.pipeline import PruneOptions, Report, run_prune
+from onnxprune.progress import stage_done
 from onnxprune.scores import (
     ImportanceScore,
     Scores,
@@ -116,10 +118,12 @@ def prune(model: ModelLike, ratio: float | None = None,
     :mod:`onnxprune.latency`). ``keep``: blocks ("attn0", "ffn5") never cut; ``rtol``,
     ``atol``: the verification tolerance (default: the model dtype's). Other options: see
     :class:`onnxprune.pipeline.PruneOptions`."""
-    model = _as_model(model)
     opts = PruneOptions(ratio, method, granularity, keep=tuple(keep), rtol=rtol, atol=atol,
                         **options)
     opts.check()
+    since = time.perf_counter()
+    model = _as_model(model)
+    stage_done(progress, "load", since)
     opts.shapes = complete_shapes(input_specs(model), opts.shapes)
     data = load_or_synthesise(model, calib, samples, opts.seed, opts.shapes)
     if opts.target == "latency":   # --- latency target hook (issue 14.5) ---

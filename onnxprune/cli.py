@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 
 from onnxprune import api
 from onnxprune.config import apply_config
@@ -31,7 +32,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model, save_model
 from onnxprune.outputs import RunFiles, Terminated, sigterm_as_interrupt, transaction
 from onnxprune.pipeline import Report
-from onnxprune.progress import ProgressBar
+from onnxprune.progress import ProgressBar, stage_done
 from onnxprune.report import (
     human,
     plot_scores,
@@ -167,16 +168,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     RunFiles.from_args(args).check()
     if args.max_drop is not None and args.max_drop < 0:
         raise OnnxpruneError(f"--max-drop {args.max_drop}: must be >= 0")
+    progress = ProgressBar(args.quiet)
     common = dict(method=args.method, granularity=args.granularity, samples=args.samples,
                   target=args.target, steps=args.steps, round_to=args.round_to, ema=args.ema,
                   seed=args.seed, loss=args.loss, batch_size=args.batch_size,
-                  threads=args.threads, shapes=_shapes(args), progress=ProgressBar(args.quiet),
+                  threads=args.threads, shapes=_shapes(args), progress=progress,
                   keep=_names(args.keep), rtol=args.rtol, atol=args.atol,
                   workers=args.workers, ray_address=args.ray_address)
     if args.ft_schedule == "during":
         pruned, report, interleaved = _prune_during(args, common)
     else:
-        pruned, report = api.prune(load_model(args.input), args.ratio, args.calib,
+        pruned, report = api.prune(args.input, args.ratio, args.calib,
                                    reconstruct=args.reconstruct, **common,
                                    **_latency_options(args))
     print(prune_summary(report))
@@ -194,7 +196,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if gate is not None and gate["data"]["kind"] == "val":
         print(gate_line(gate))
     if not gate_failed:   # the model first, the report last (main removes both on failure)
+        since = time.perf_counter()
         save_model(pruned, args.output)
+        stage_done(progress, "write", since)
     if args.json or args.report:   # both given: the same report on stdout and in the file
         payload = prune_report_json(args, report, extra, not gate_failed)
         for path in dict.fromkeys(p for p in (args.report, args.json) if p):

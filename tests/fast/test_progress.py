@@ -57,5 +57,5 @@ def test_the_main_job_reports_its_stages_in_order():
     recorder = _Recorder()
     onnxprune.prune(attention_then_ffn(16), 0.4, method="magnitude", samples=32,
                     batch_size=8, progress=recorder)
-    assert recorder.stages == ["discover", "baseline", "score", "plan", "cut+verify",
+    assert recorder.stages == ["load", "discover", "baseline", "score", "plan", "cut+verify",
                                "reconstruct", "evaluate"]
