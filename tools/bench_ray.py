@@ -13,7 +13,9 @@ analyses the model and builds its gradient graph and session) and second call (w
 warm, but the graph and session are built again: a call is one scoring step); the bytes the
 driver reduced (per-batch sums and sketch rows); whether every score, signed estimate and
 gradient sketch equals the one-process run's. The Ray cluster's own start (``ray.init``) is
-printed apart. The machine's cores are shared: expect less than N× on N cores.
+printed apart, and per model a worker's one-off start s₀ and the cost of a batch c_b (one
+thread), with the ideal time of N workers on N free cores, s₀ + ⌈batches / N⌉·c_b: the gap
+to the measured time is the cores not free. Expect less than N× on N cores.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,7 +39,9 @@ from onnxprune.losses import choose_loss  # noqa: E402
 from onnxprune.modelio import load_model  # noqa: E402
 from onnxprune.scores import check_method, compute_scores  # noqa: E402
 from onnxprune.scores.distributed import RayCluster  # noqa: E402
+from onnxprune.scores.gradient import GradientPass  # noqa: E402
 from onnxprune.shapes import analysis_shapes, complete_shapes, input_specs  # noqa: E402
+from onnxprune.structure.discover import analyse  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ETTh1.csv"
 SAMPLES = {"patchtst_etth1": 2048, "tsfm_small": 512}
@@ -62,6 +67,22 @@ def identical(one, two) -> bool:
                         for k in one.gradients for a in ("mean", "square", "rows"))
 
 
+def costs(analysis, spec, kinds, batches) -> tuple[float, float]:
+    """A worker's one-off cost (analysis from the model's bytes, gated model, gradient graph
+    and session: the first batch less a batch) and the cost of a batch, one thread."""
+    start = time.perf_counter()
+    model = onnx.load_from_string(analysis.model.SerializeToString())
+    grad = GradientPass(analyse(model, dict(analysis.structure.input_shapes)), spec, kinds, 1)
+    grad(*batches[0])
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    more = batches[1:4] or batches[:1]
+    for inputs, targets in more:
+        grad(inputs, targets)
+    per_batch = (time.perf_counter() - start) / len(more)
+    return max(first - per_batch, 0.0), per_batch
+
+
 def bench(name: str, samples: int, args) -> dict:
     model = load_model(ROOT / "models" / f"{name}.onnx")
     shapes = complete_shapes(input_specs(model), None)
@@ -78,6 +99,9 @@ def bench(name: str, samples: int, args) -> dict:
         return scores, time.perf_counter() - start
 
     row = {"model": name, "samples": data.n_samples, "batches": len(batches())}
+    row["setup"], row["per_batch"] = costs(analysis, spec, kinds, batches.gradient_batches())
+    shard = -(-row["batches"] // args.workers)
+    row["ideal"] = row["setup"] + shard * row["per_batch"]
     one, row["one"] = timed(threads=0)
     _, row["one_1t"] = timed(threads=1)
     REDUCED[0] = 0
@@ -116,14 +140,16 @@ def main() -> None:
     w = args.workers
     print(f"| model | windows (batches) | units | 1 process, all threads | 1 process, 1 thread "
           f"| Ray {w} workers, 1st call | Ray {w} workers, 2nd call | speed-up (2nd call) vs "
-          f"all threads / 1 thread | reduced | identical |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"all threads / 1 thread | reduced | identical | worker start s₀, batch c_b | "
+          f"ideal on {w} free cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['samples']} ({r['batches']}) | {r['units']} "
               f"| {r['one']:.1f} s | {r['one_1t']:.1f} s | {r['ray_first']:.1f} s "
               f"| {r['ray']:.1f} s | {r['one'] / r['ray']:.2f}× / {r['one_1t'] / r['ray']:.2f}× "
               f"| {r['reduced_mb']:.1f} MiB "
-              f"| {'yes' if r['identical'] else 'NO'} |")
+              f"| {'yes' if r['identical'] else 'NO'} | {r['setup']:.1f} s, "
+              f"{r['per_batch']:.2f} s | {r['ideal']:.1f} s |")
 
 
 if __name__ == "__main__":
