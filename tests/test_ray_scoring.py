@@ -77,6 +77,13 @@ def test_two_workers_score_exactly_as_one_process(cluster, method, data):
         assert one.gradients, "fisher keeps gradient sketches"
 
 
+def test_an_address_without_workers_uses_a_worker_per_cpu(cluster):
+    # the process has joined a cluster (the fixture's, 2 CPUs): the address names it
+    options = dict(method="taylor", samples=32, batch_size=8)
+    one = onnxprune.score(MODEL, _calib(), **options)
+    _assert_same(one, onnxprune.score(MODEL, _calib(), ray_address="auto", **options))
+
+
 def test_main_job_removes_the_same_units_on_two_workers(cluster):
     options = dict(samples=32, batch_size=8, steps=2, reconstruct="none")
     _, one = onnxprune.prune(MODEL, 0.3, _calib(), **options)
