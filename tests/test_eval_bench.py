@@ -25,7 +25,10 @@ AST = ROOT / "models" / "ast_fsdd.onnx"
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as exc:   # argument errors exit through argparse
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -168,7 +171,7 @@ def test_bench_plot(capsys, reference_model, tmp_path):
 
 def test_bench_bad_input_exit_2(capsys, reference_model, tmp_path):
     cases = [
-        (["--runs", "0"], "--runs 0"),
+        (["--runs", "0"], "argument --runs: 0: must be at least 1"),
         ([str(tmp_path / "missing.onnx")], "no such file"),
         (["--shape", "x:1,100,7"], "conflicts with the static shape"),
     ]
