@@ -52,6 +52,10 @@ from onnxprune.units import UnitKind, module_kind, unit_kind
 
 # the loss scale for float16 gate gradients (divided by 64 while the gradients overflow)
 HALF_LOSS_SCALE = 4096.0
+# activations one run of the gradient graph may hold: a batch whose forward tensors (times
+# BACKWARD_FACTOR for what the backward pass keeps and makes) would exceed it runs in parts
+ACTIVATION_BUDGET = 1 << 30
+BACKWARD_FACTOR = 1
 
 
 class GradientPass:
@@ -69,6 +73,21 @@ class GradientPass:
         self.forward = model
         self.threads = threads
         self.graphs: dict[tuple, tuple] = {}
+        self.part = micro_batch(analysis)
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray]
+                 ) -> tuple[np.ndarray, dict[Gate, np.ndarray]]:
+        """Per-sample losses and gate gradients of a batch, run in parts of at most
+        ``self.part`` samples (the per-sample values do not depend on the split)."""
+        batch = len(next(iter(inputs.values())))
+        if self.part is None or batch <= self.part:
+            return self._run(inputs, targets)
+        runs = [self._run({k: v[i:i + self.part] for k, v in inputs.items()},
+                          {k: v[i:i + self.part] for k, v in targets.items()})
+                for i in range(0, batch, self.part)]
+        return (np.concatenate([loss for loss, _ in runs]),
+                {gate: np.concatenate([grads[gate] for _, grads in runs])
+                 for gate in self.gates})
 
     def _graph(self, feeds: Mapping[str, np.ndarray]) -> tuple:
         """The gradient graph for these feed shapes. Each batch size gets its own graph with
@@ -94,8 +113,8 @@ class GradientPass:
     def graph(self):
         return next(iter(self.graphs.values()))[0]
 
-    def __call__(self, inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray]
-                 ) -> tuple[np.ndarray, dict[Gate, np.ndarray]]:
+    def _run(self, inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray]
+             ) -> tuple[np.ndarray, dict[Gate, np.ndarray]]:
         batch = len(next(iter(inputs.values())))
         feeds = {**inputs, **targets, **self.gated.feeds(batch=batch)}
         graph, session = self._graph(feeds)
@@ -117,6 +136,20 @@ class GradientPass:
                 value = value.astype(np.float64) / scale
             grads[gate] = gate.per_sample(value, batch)
         return values[SAMPLE_LOSS], grads
+
+
+def micro_batch(analysis: Analysis, budget: int = ACTIVATION_BUDGET) -> int | None:
+    """The most samples one gradient run may take (a power of two), from the activations
+    of the analysed run (one sample where the batch is dynamic); None when the batch is
+    fixed in the graph (it cannot be split)."""
+    if any(d.dim_value > 0 for vi in analysis.model.graph.input[:1]
+           for d in vi.type.tensor_type.shape.dim[:1]):
+        return None
+    weights = {t.name for t in analysis.model.graph.initializer}
+    per_sample = sum(v.nbytes for k, v in analysis.trace.items()
+                     if k not in weights and isinstance(v, np.ndarray))
+    fits = max(1, budget // max(1, BACKWARD_FACTOR * per_sample))
+    return 1 << (int(fits).bit_length() - 1)   # a power of two: batches of 32 split evenly
 
 
 # rows of a gradient sketch: every sample its own row up to this many, ~4 MB per block
