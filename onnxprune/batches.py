@@ -29,6 +29,7 @@ from onnxprune.losses import (
 from onnxprune.runtime import make_session, run, with_outputs
 
 Feeds = dict[str, np.ndarray]
+Progress = Callable[[str, int, int], None]
 
 
 class LossBatches:
@@ -41,7 +42,7 @@ class LossBatches:
 
     def __init__(self, model: onnx.ModelProto, calib: CalibrationData, spec: LossSpec,
                  batch_size: int, threads: int, seed: int = 0,
-                 probes: Mapping[str, int] | None = None):
+                 probes: Mapping[str, int] | None = None, progress: Progress | None = None):
         self.spec = spec
         self.seed = seed
         # maps the calibration inputs to the inputs of the model now scored and evaluated
@@ -56,7 +57,10 @@ class LossBatches:
         self.raw_targets: list[Feeds] = []
         self.reference: list[Feeds] = []
         self.probed: list[Feeds] = []
-        for inputs, targets in calib.batches(batch_size):
+        chunks = list(calib.batches(batch_size))
+        for n, (inputs, targets) in enumerate(chunks):
+            if progress:
+                progress("baseline", n, len(chunks))
             values = run(session, inputs, outputs + list(probes))
             out = {n: values[n] for n in outputs}
             _check_finite(out)
@@ -64,6 +68,8 @@ class LossBatches:
             self.raw_targets.append(targets)
             self.reference.append(out)
             self.probed.append(values)
+        if progress:
+            progress("baseline", len(chunks), len(chunks))
 
     def __call__(self) -> list[tuple[Feeds, Feeds]]:
         if self.adapt is None:
@@ -79,10 +85,19 @@ class LossBatches:
         return [(inputs, sampled_targets(self.spec, reference, rng))
                 for (inputs, _), reference in zip(self(), self.reference)]
 
-    def evaluate(self, model: onnx.ModelProto, threads: int = 0) -> tuple[float, Quality]:
+    def evaluate(self, model: onnx.ModelProto, threads: int = 0,
+                 progress: Progress | None = None) -> tuple[float, Quality]:
         """Mean calibration loss and the quality figure of ``model``."""
         session = make_session(model, threads=threads)
-        return self._measure([run(session, inputs) for inputs, _ in self()])
+        batches = self()
+        outputs = []
+        for n, (inputs, _) in enumerate(batches):
+            if progress:
+                progress("evaluate", n, len(batches))
+            outputs.append(run(session, inputs))
+        if progress:
+            progress("evaluate", len(batches), len(batches))
+        return self._measure(outputs)
 
     def evaluate_original(self) -> tuple[float, Quality]:
         """:meth:`evaluate` of the original model, from the outputs kept at loading."""

@@ -322,7 +322,8 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     spec = choose_loss(model, calib.targets, opts.loss, skip=caches)
     refits = opts.reconstruct != "none" and opts.train_between is None
     data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed,
-                       probes=dict(block_outputs(first).values()) if refits else None)
+                       probes=dict(block_outputs(first).values()) if refits else None,
+                       progress=progress)
     loss_before, quality_before = data.evaluate_original()
     since = stage_done(progress, "baseline", since)
     total = opts.prunable(first)
@@ -381,7 +382,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
         reconstruction.note = "weights were trained between the prune steps"
     check_updates(verified, current, reconstruction.updates)
     # -- end of reconstruction
-    loss_after, quality_after = data.evaluate(current, opts.threads)
+    loss_after, quality_after = data.evaluate(current, opts.threads, progress)
     stage_done(progress, "evaluate", since)
     report = Report(method, opts.granularity, opts.target, opts.ratio, spec.describe,
                     {"source": calib.source, "samples": calib.n_samples,
