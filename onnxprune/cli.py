@@ -29,7 +29,7 @@ import time
 from onnxprune import api
 from onnxprune.config import apply_config
 from onnxprune.errors import OnnxpruneError
-from onnxprune.modelio import load_model, save_model
+from onnxprune.modelio import load_model, save_model, uses_external_data
 from onnxprune.outputs import RunFiles, Terminated, sigterm_as_interrupt, transaction
 from onnxprune.pipeline import Report
 from onnxprune.progress import ProgressBar, stage_done
@@ -143,7 +143,7 @@ def cmd_cut(args: argparse.Namespace) -> int:
     units = [u for part in args.remove for u in part.split(",") if u.strip()]
     result = api.cut(load_model(args.input), units, _shapes(args), rtol=args.rtol,
                      atol=args.atol)
-    save_model(result.model, args.output)
+    save_model(result.model, args.output, external=uses_external_data(args.input))
     print(f"removed {len(result.plan.units)} unit(s) from "
           f"{', '.join(n for n, c in result.plan.cuts.items() if not c.empty)}")
     print(f"params {human(result.params_before)} -> {human(result.params_after)}, "
@@ -197,7 +197,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(gate_line(gate))
     if not gate_failed:   # the model first, the report last (main removes both on failure)
         since = time.perf_counter()
-        save_model(pruned, args.output)
+        save_model(pruned, args.output, external=uses_external_data(args.input))
         stage_done(progress, "write", since)
     if args.json or args.report:   # both given: the same report on stdout and in the file
         payload = prune_report_json(args, report, extra, not gate_failed)
@@ -312,7 +312,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = api.finetune(model, args.train, args.val, trainable=args.train_only,
                           progress=ProgressBar(args.quiet), **_finetune_options(args))
     _print_finetune(result)
-    save_model(result.model, args.output)
+    save_model(result.model, args.output, external=uses_external_data(args.input))
     print(f"wrote {args.output}")
     if args.json:
         emit_json(args, {"input": args.input, "output": args.output, "train": args.train,

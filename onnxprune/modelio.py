@@ -14,6 +14,8 @@ from onnxprune.outputs import RunFiles, atomic_file, atomic_files, check_writabl
 
 # protobuf refuses to serialise a message over 2 GiB; beyond this the weights go to a side file.
 _EXTERNAL_DATA_LIMIT = 1_800_000_000
+# tensors smaller than this stay in the .onnx file when the weights go to a side file
+_SIDE_FILE_THRESHOLD = 1024
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -186,24 +188,47 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the ONNX file at ``path`` keeps its weights in external data files (read
+    without loading them)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike,
+               external: bool | None = None) -> None:
     """Write atomically (``outputs.atomic_files``: temp file in the target folder, fsync, the
     umask's mode, rename); never a half-written file, and a full disk or read-only folder is
     a one-line error with nothing left.
 
-    Models too large for one protobuf message keep their weights in ``<name>.data`` beside
-    the file, written the same way (the side file first, then the model).
+    With ``external`` (the input's layout), and always for models too large for one
+    protobuf message, the weights go to ``<name>.data`` beside the file, written the same
+    way (the side file first, then the model).
     """
     path = Path(path)
     check_writable(path)
-    if model_size_bytes(model) <= _EXTERNAL_DATA_LIMIT:
+    external = external or model_size_bytes(model) > _EXTERNAL_DATA_LIMIT
+    if not any(_nbytes(t) >= _SIDE_FILE_THRESHOLD for t in model.graph.initializer):
+        external = False                  # nothing would go to the side file
+    if not external:
         with atomic_file(path) as tmp:
             onnx.save_model(model, tmp)
         return
     with atomic_files(path.with_name(f"{path.name}.data"), path) as (tmp_data, tmp):
+        os.unlink(tmp_data)               # onnx creates the side file and refuses one that is
         onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=Path(tmp_data).name, size_threshold=1024)
+                        location=Path(tmp_data).name, size_threshold=_SIDE_FILE_THRESHOLD)
         _rewrite_external_location(tmp, f"{path.name}.data")
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return 0
+    size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return size * int(np.prod(tensor.dims, dtype=np.int64))
 
 
 def _rewrite_external_location(model_path: str, location: str) -> None:

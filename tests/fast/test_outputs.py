@@ -319,6 +319,7 @@ def test_outputs_take_the_umask(job, umask, monkeypatch, mask):
 def test_external_data_side_file_is_atomic_with_the_umask(job, umask, monkeypatch):
     umask(0o027)
     monkeypatch.setattr(modelio, "_EXTERNAL_DATA_LIMIT", 0)   # as if over 2 GiB
+    monkeypatch.setattr(modelio, "_SIDE_FILE_THRESHOLD", 0)   # its small weights too
     assert main(["cut", str(job / "model.onnx"), str(job / "out.onnx"), *CUT]) == 0
     assert sorted(p.name for p in job.iterdir()) == ["model.onnx", "out.onnx",
                                                     "out.onnx.data"]
@@ -362,6 +363,7 @@ def test_write_errors_are_one_line_and_leave_nothing(job, capsys, monkeypatch, c
         monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
     else:   # the side file is written, the model's fsync fails: neither is left
         monkeypatch.setattr(modelio, "_EXTERNAL_DATA_LIMIT", 0)
+        monkeypatch.setattr(modelio, "_SIDE_FILE_THRESHOLD", 0)
         fail_on_fsync(monkeypatch, 2, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     before = snapshot(job)
     assert main(["cut", str(job / "model.onnx"), str(job / "out.onnx"), *CUT]) == 2
