@@ -27,7 +27,8 @@ from onnxprune.interleaved import InterleavedRun, prune_during_finetune
 from onnxprune.latency import prune_for_latency
 from onnxprune.losses import Quality, choose_loss
 from onnxprune.modelio import load_model
-from onnxprune.pipeline import PruneOptions, Report, run_prune
+from onnxprune.pipeline import PruneOptions, Report, check_something_to_prune, run_prune
+from onnxprune.plan import exclusions
 from onnxprune.progress import stage_done
 from onnxprune.scores import (
     ImportanceScore,
@@ -173,6 +174,7 @@ def score(model: ModelLike, calib: str | os.PathLike | CalibrationData | None = 
     shapes = complete_shapes(input_specs(model), shapes)
     data = load_or_synthesise(model, calib, samples, seed, shapes)
     analysis = inspect(model, analysis_shapes(input_specs(model), data.inputs, shapes))
+    check_something_to_prune(analysis, kinds, exclusions(analysis, kinds), "params")
     spec = choose_loss(model, data.targets, loss)
     batches = LossBatches(model, data, spec, batch_size, threads, seed)
     name = resolve_score(method).name

@@ -215,6 +215,7 @@ CASES = {
     "--samples 0": (_score("--samples", "0"), "--samples"),
     "--prune-steps 0": (_prune("--prune-steps", "0"), "--prune-steps"),
     "--round-to 0": (_prune("--round-to", "0"), "--round-to"),
+    "score, nothing to score": (_score("--granularity", "ffn"), "nothing to prune"),
     "--ratio 0": (lambda t: [_model(t), str(t / "out.onnx"), "--ratio", "0"], "--ratio"),
     "--ratio 1": (lambda t: [_model(t), str(t / "out.onnx"), "--ratio", "1"], "--ratio"),
     "--ratio -1": (lambda t: [_model(t), str(t / "out.onnx"), "--ratio", "-1"], "--ratio"),
