@@ -262,7 +262,7 @@ class Report:
             **({"cache_shapes": self.cache_shapes} if self.cache_shapes else {}),
             **({"latency": self.latency} if self.latency else {}),
             "reconstruction": self.reconstruction.to_json() if self.reconstruction else None,
-            "prunable": {"counts": "flops" if self.target == "flops" else "params",
+            "prunable": {"counts": {"latency": "estimated ms"}.get(self.target, self.target),
                          "before": self.prunable_before, "after": self.prunable_after},
             "blocks": [vars(b) for b in self.blocks],
         }

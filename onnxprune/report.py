@@ -125,7 +125,8 @@ def prune_summary(report) -> str:
     prunable = [(f"  prunable {counted}", human(report.prunable_before),
                  human(report.prunable_after),
                  _change(report.prunable_before, report.prunable_after))
-                ] if getattr(report, "prunable_before", 0) else []
+                ] if getattr(report, "prunable_before", 0) and report.target != "latency" \
+        else []   # a latency budget counts estimated ms: its own line says what it did
     rows = [
         ("params", human(report.params_before), human(report.params_after),
          _change(report.params_before, report.params_after)),
@@ -142,7 +143,7 @@ def prune_summary(report) -> str:
              f"data {source}",
              "removed " + (", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing")
              + (f": {report.steps[-1].removed_fraction:.1%} of the prunable "
-                f"{'FLOPs' if report.target == 'flops' else 'parameters'}"
+                f"{_BUDGET_UNITS.get(report.target, 'parameters')}"
                 if report.steps else ""),
              f"{'':<18}{'before':>12}{'after':>12}{'change':>10}"]
     lines += [f"{a:<18}{b:>12}{c:>12}{d:>10}" for a, b, c, d in rows]
@@ -165,6 +166,9 @@ def block_order(name: str) -> tuple:
     head = name.rstrip("0123456789")
     number = name[len(head):]
     return (int(number) if number else -1, head != "attn", head)
+
+
+_BUDGET_UNITS = {"flops": "FLOPs", "latency": "latency (estimated)"}
 
 
 def _metric_label(name: str) -> str:

@@ -4,6 +4,8 @@ other rows; the report carries the same per-block sizes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from test_search import attention_then_ffn
@@ -29,6 +31,9 @@ def test_summary_shows_prunable_params_and_each_changed_block():
     assert report.prunable_after < report.prunable_before
     blob = report.to_json()
     assert blob["prunable"]["counts"] == "params"
+    latency = replace(report, target="latency")        # its budget counts estimated ms
+    assert "  prunable params" not in prune_summary(latency)
+    assert latency.to_json()["prunable"]["counts"] == "estimated ms"
     assert {b["block"] for b in blob["blocks"]} == {b.block for b in report.blocks}
 
 
