@@ -220,3 +220,37 @@ def test_speed_up_seed_axis_keeps_outputs_and_tensor_names():
         SpeedUpSeedAxis().run(_model([helper.make_node("Relu", ["x2"], ["y"]),
                                       helper.make_node("Relu", ["x"], ["x2"])],
                                      [_x([2])], [_y([2])]))
+
+
+def test_the_skeleton_keeps_structure_without_weight_data():
+    from opgraphs import attention_model
+
+    from onnxprune.passes import skeleton
+
+    model = attention_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((32, 32), np.float32), "W"))
+    copy = skeleton(model)
+    assert list(copy.graph.node) == list(model.graph.node)
+    assert list(copy.graph.output) == list(model.graph.output)
+    assert [t.name for t in copy.graph.initializer] == [t.name for t in model.graph.initializer]
+    big = {t.name: t for t in copy.graph.initializer}["W"]
+    assert list(big.dims) == [32, 32] and not big.raw_data           # no weight data kept
+    small = [t for t in model.graph.initializer if len(t.raw_data) < 1024]
+    assert all(t in copy.graph.initializer for t in small)            # small ones in full
+    assert copy.opset_import == model.opset_import and copy.ir_version == model.ir_version
+
+
+def test_a_pass_that_keeps_the_checker_is_caught_breaking_it():
+    from opgraphs import attention_model
+
+    from onnxprune.passes import Pass, PassConditionError
+
+    class Breaks(Pass):
+        name = "breaks"
+        keeps_checker = True
+
+        def apply(self, model):
+            model.graph.node[0].op_type = "NoSuchOp"
+
+    with pytest.raises(PassConditionError, match="onnx.checker"):
+        Breaks().run(attention_model())
