@@ -252,5 +252,5 @@ def test_a_pass_that_keeps_the_checker_is_caught_breaking_it():
         def apply(self, model):
             model.graph.node[0].op_type = "NoSuchOp"
 
-    with pytest.raises(PassConditionError, match="onnx.checker"):
+    with pytest.raises(PassConditionError, match=r"onnx\.checker"):
         Breaks().run(attention_model())
