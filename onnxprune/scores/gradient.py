@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from onnxprune.autodiff import (
     NoGradientError,
@@ -56,6 +57,8 @@ HALF_LOSS_SCALE = 4096.0
 # BACKWARD_FACTOR for what the backward pass keeps and makes) would exceed it runs in parts
 ACTIVATION_BUDGET = 1 << 30
 BACKWARD_FACTOR = 1
+# initializers of this size or more are left out while the gradient graph is built
+LIFT_BYTES = 1 << 16
 
 
 class GradientPass:
@@ -70,6 +73,10 @@ class GradientPass:
         self.traces = (gated.traced(analysis.trace),
                        gated.traced(gated.batch_trace or analysis.trace))
         freeze_shape_operands(model, *self.traces)
+        # the weights are lifted out while the gradient graph is built (copies, shape
+        # inference, onnx-ad hold no copy of them) and put back for ONNX Runtime, which
+        # needs them constant: a fed weight changes MatMul's rounding with the thread count
+        self.weights = lift_weights(model)
         self.forward = model
         self.threads = threads
         self.graphs: dict[tuple, tuple] = {}
@@ -106,7 +113,9 @@ class GradientPass:
                         shape.dim.add().dim_value = int(size)
             declare_static_shapes(model, *self.traces, batch)
             graph = gradient_graph(model, [g.input for g in self.gates], TOTAL_LOSS)
-            self.graphs[key] = (graph, make_session(graph.model, threads=self.threads))
+            session = make_session(restore_weights(graph.model, self.weights),
+                                   threads=self.threads)
+            self.graphs[key] = (graph, session)
         return self.graphs[key]
 
     @property
@@ -136,6 +145,42 @@ class GradientPass:
                 value = value.astype(np.float64) / scale
             grads[gate] = gate.per_sample(value, batch)
         return values[SAMPLE_LOSS], grads
+
+
+def lift_weights(model: onnx.ModelProto, least: int | None = None) -> dict[str, np.ndarray]:
+    """Float initializers of ``least`` (default ``LIFT_BYTES``) bytes or more become graph
+    inputs (in place); their values, by name. Small ones and integer ones (shapes, pads,
+    indices) stay: shape inference and onnx-ad read them."""
+    least = LIFT_BYTES if least is None else least
+    lifted: dict[str, np.ndarray] = {}
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):
+        tensor = inits[i]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < least \
+                or tensor.data_type not in _WEIGHT_TYPES:   # integer tensors: shape operands
+            continue
+        lifted[tensor.name] = numpy_helper.to_array(tensor)
+        model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                               list(tensor.dims)))
+        del inits[i]
+    return lifted
+
+
+_WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                 onnx.TensorProto.DOUBLE)
+
+
+def restore_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
+                    ) -> onnx.ModelProto:
+    """A copy of ``model`` with the lifted ``weights`` it reads as initializers again."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = {i.name for i in out.graph.input} & set(weights)
+    kept = [i for i in out.graph.input if i.name not in names]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
+    out.graph.initializer.extend(numpy_helper.from_array(weights[n], n) for n in sorted(names))
+    return out
 
 
 def micro_batch(analysis: Analysis, budget: int = ACTIVATION_BUDGET) -> int | None:

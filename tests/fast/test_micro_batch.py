@@ -10,6 +10,7 @@ from test_search import attention_then_ffn
 from onnxprune.batches import LossBatches
 from onnxprune.data import load_or_synthesise
 from onnxprune.losses import choose_loss
+from onnxprune.scores import gradient
 from onnxprune.scores.gradient import GradientPass, micro_batch
 from onnxprune.structure.discover import analyse
 from onnxprune.units import unit_kinds
@@ -51,3 +52,23 @@ def test_the_part_size_follows_the_activation_budget():
     assert micro_batch(analysis, budget=1) == 1
     assert micro_batch(analysis, budget=per_sample * 64) == 64
     assert micro_batch(analyse(attention_then_ffn(16))) is None    # a batch fixed at 2
+
+
+def test_lifted_weights_are_put_back_for_onnx_runtime(monkeypatch):
+    """The gradient graph is built without the large weights and runs with them as
+    constants again: the same per-sample gradients as with them in, at any thread count."""
+    model = _dynamic_batch()
+    analysis = analyse(model)
+    data = load_or_synthesise(model, None, 8, 0, None)
+    spec = choose_loss(model, data.targets, None)
+    (inputs, targets), = LossBatches(model, data, spec, 8, 0).gradient_batches()
+    whole = GradientPass(analysis, spec, unit_kinds(), threads=1)
+    assert whole.weights == {}                       # this model's weights are all small
+    monkeypatch.setattr(gradient, "LIFT_BYTES", 64)  # lift them too
+    lifted = GradientPass(analysis, spec, unit_kinds(), threads=2)
+    inits = {t.name for t in lifted.forward.graph.initializer}
+    assert lifted.weights and not inits & set(lifted.weights)
+    _, a = whole(inputs, targets)
+    _, b = lifted(inputs, targets)
+    for gate, value in a.items():
+        np.testing.assert_array_equal(b[gate], value)
