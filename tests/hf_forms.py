@@ -86,6 +86,23 @@ def _vit(impl: str) -> nn.Module:
     return OneInOneOut(ViTForImageClassification(cfg), "pixel_values", "logits")
 
 
+def _dinov2(impl: str) -> nn.Module:
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        mlp_ratio=FF // D,
+        layerscale_value=0.5,
+        attn_implementation=impl,
+    )
+    return OneInOneOut(Dinov2Model(cfg), "pixel_values", "last_hidden_state")
+
+
 def _ast(impl: str) -> nn.Module:
     from transformers import ASTConfig, ASTForAudioClassification
 
@@ -166,6 +183,7 @@ _FAMILIES = [
     HFForm("bert", _bert, (8,), token_ids=True, notes="BertModel, last_hidden_state"),
     HFForm("distilbert", _distilbert, (8,), token_ids=True, notes="DistilBertModel"),
     HFForm("vit", _vit, (3, 16, 16), notes="ViTForImageClassification, separate q/k/v"),
+    HFForm("dinov2", _dinov2, (3, 16, 16), notes="Dinov2Model, LayerScale after each block"),
     HFForm("ast", _ast, (48, 32), notes="ASTForAudioClassification (audio spectrogram ViT)"),
     HFForm("whisper_enc", _whisper_encoder, (16, 32), notes="WhisperEncoder, k_proj no bias"),
     HFForm("patchtst_bn", _patchtst("batchnorm"), (64, 3), notes="PatchTSTForPrediction"),
