@@ -25,11 +25,12 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 from onnxprune import api
 from onnxprune.config import apply_config
 from onnxprune.errors import OnnxpruneError
-from onnxprune.modelio import load_model, save_model, uses_external_data
+from onnxprune.modelio import load_model, save_model
 from onnxprune.outputs import RunFiles, Terminated, sigterm_as_interrupt, transaction
 from onnxprune.pipeline import Report
 from onnxprune.progress import ProgressBar, stage_done
@@ -139,11 +140,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cut(args: argparse.Namespace) -> int:
-    RunFiles.from_args(args).check()
+    files = RunFiles.from_args(args)
+    files.check()
     units = [u for part in args.remove for u in part.split(",") if u.strip()]
     result = api.cut(load_model(args.input), units, _shapes(args), rtol=args.rtol,
                      atol=args.atol)
-    save_model(result.model, args.output, external=uses_external_data(args.input))
+    save_model(result.model, args.output, external=Path(args.input) in files.external)
     print(f"removed {len(result.plan.units)} unit(s) from "
           f"{', '.join(n for n, c in result.plan.cuts.items() if not c.empty)}")
     print(f"params {human(result.params_before)} -> {human(result.params_after)}, "
@@ -165,7 +167,8 @@ def cut_json(args: argparse.Namespace, result) -> dict:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    RunFiles.from_args(args).check()
+    files = RunFiles.from_args(args)
+    files.check()
     if args.max_drop is not None and args.max_drop < 0:
         raise OnnxpruneError(f"--max-drop {args.max_drop}: must be >= 0")
     progress = ProgressBar(args.quiet)
@@ -197,7 +200,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(gate_line(gate))
     if not gate_failed:   # the model first, the report last (main removes both on failure)
         since = time.perf_counter()
-        save_model(pruned, args.output, external=uses_external_data(args.input))
+        save_model(pruned, args.output, external=Path(args.input) in files.external)
         stage_done(progress, "write", since)
     if args.json or args.report:   # both given: the same report on stdout and in the file
         payload = prune_report_json(args, report, extra, not gate_failed)
@@ -307,12 +310,13 @@ def _print_finetune(result) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    RunFiles.from_args(args).check()
+    files = RunFiles.from_args(args)
+    files.check()
     model = load_model(args.input)
     result = api.finetune(model, args.train, args.val, trainable=args.train_only,
                           progress=ProgressBar(args.quiet), **_finetune_options(args))
     _print_finetune(result)
-    save_model(result.model, args.output, external=uses_external_data(args.input))
+    save_model(result.model, args.output, external=Path(args.input) in files.external)
     print(f"wrote {args.output}")
     if args.json:
         emit_json(args, {"input": args.input, "output": args.output, "train": args.train,

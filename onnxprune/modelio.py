@@ -10,7 +10,13 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import OnnxpruneError
-from onnxprune.outputs import RunFiles, atomic_file, atomic_files, check_writable
+from onnxprune.outputs import (
+    RunFiles,
+    atomic_file,
+    atomic_files,
+    check_writable,
+    external_data_paths,
+)
 
 # protobuf refuses to serialise a message over 2 GiB; beyond this the weights go to a side file.
 _EXTERNAL_DATA_LIMIT = 1_800_000_000
@@ -191,11 +197,7 @@ def model_size_bytes(model: onnx.ModelProto) -> int:
 def uses_external_data(path: str | os.PathLike) -> bool:
     """Whether the ONNX file at ``path`` keeps its weights in external data files (read
     without loading them)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return False
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return bool(external_data_paths(path))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike,

@@ -93,6 +93,7 @@ class RunFiles:
     reads: list[tuple[str, Path]] = field(default_factory=list)
     writes: list[tuple[str, Path]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+    external: set[Path] = field(default_factory=set)   # the models that keep external data
 
     def read(self, role: str, path: str | os.PathLike | None) -> RunFiles:
         if path:
@@ -105,6 +106,7 @@ class RunFiles:
             self.read(role, path)
             for data in external_data_paths(path):
                 self.read(f"{role}'s external data ({data.name})", data)
+                self.external.add(Path(path))
         return self
 
     def write(self, role: str, path: str | os.PathLike | None, model: bool = False,

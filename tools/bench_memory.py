@@ -121,13 +121,11 @@ def measure(subject: Subject, folder: Path, limit_gb: float) -> Row:
 
 
 def _file_bytes(path: Path) -> int:
-    """The .onnx file and the external data files beside it that it names."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    names = {e.value for t in model.graph.initializer for e in t.external_data
-             if e.key == "location"}
-    return path.stat().st_size + sum((path.parent / n).stat().st_size for n in names)
+    from onnxprune.bench import file_bytes
+
+    return file_bytes(path, onnx.load(str(path), load_external_data=False))
 
 
 # -- the subjects -----------------------------------------------------------------------------
