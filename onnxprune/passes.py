@@ -84,7 +84,7 @@ class DerivePass(Pass):
 def unread_inputs(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
     """Each of the named graph inputs must be declared and read by a node."""
     declared = {vi.name for vi in model.graph.input}
-    read = _read_names(model.graph.node)
+    read = read_names(model.graph.node)
     return [f"input {name!r} is {'not read' if name in declared else 'not declared'}"
             for name in names if name not in declared or name not in read]
 
@@ -179,7 +179,7 @@ def unsorted_nodes(model: onnx.ModelProto) -> list[str]:
 
 def dead_nodes(model: onnx.ModelProto) -> list[str]:
     """No node may be left whose outputs nobody reads (graph outputs and subgraphs count)."""
-    read = {o.name for o in model.graph.output} | _read_names(model.graph.node)
+    read = {o.name for o in model.graph.output} | read_names(model.graph.node)
     return [f"node {node.name or node.op_type!r} feeds nothing" for node in model.graph.node
             if not any(name in read for name in node.output)]
 
@@ -191,13 +191,15 @@ def node_outputs_lost(before: onnx.ModelProto, after: onnx.ModelProto) -> list[s
             for name in node.output if name and name not in made]
 
 
-def _read_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+def read_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """The names ``nodes`` read, with those their subgraphs (nested too) read from the outer
+    scope; "" for an omitted optional input."""
     read = set()
     for node in nodes:
         read.update(node.input)
         for attr in node.attribute:  # subgraphs read outer names too
             for sub in [attr.g, *attr.graphs]:
-                read |= _read_names(sub.node)
+                read |= read_names(sub.node)
     return read
 
 

@@ -22,18 +22,14 @@ import onnx
 from onnx import helper
 
 from onnxprune.errors import OnnxpruneError
+from onnxprune.passes import read_names
 from onnxprune.runtime import make_session, probe_model, run
 
 Values = dict[str, np.ndarray]
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
-    """Names a node reads, with those its subgraphs read from the outer scope."""
-    names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for sub in [attr.g, *attr.graphs]:
-            names.update(n for sn in sub.node for n in sn.input if n)
-    return names
+    return read_names([node]) - {""}
 
 
 class _Segment:
