@@ -31,6 +31,7 @@ from onnxprune.reconstruct import (
     check_updates,
     reconstruct,
 )
+from onnxprune.report import block_json_sizes
 from onnxprune.scores import (
     ImportanceScore,
     Scores,
@@ -287,9 +288,7 @@ class BlockChange:
 
 
 def block_sizes(block: Block) -> dict[str, int]:
-    described: dict = {}
-    for kind in kinds_of(block):
-        described.update(kind.describe(block))
+    described = block_json_sizes(block)
     return {k: int(described[k]) for k in SIZE_FIELDS
             if isinstance(described.get(k), int | np.integer)}
 
