@@ -72,7 +72,7 @@ class ReconstructionReport:
         applied: dict[str, int] = {}
         for b in self.blocks:
             applied[b.applied] = applied.get(b.applied, 0) + 1
-        counts = ", ".join(f"{k} {n}" for k, n in applied.items()) or "no pruned block"
+        counts = ", ".join(f"{k} {n}" for k, n in applied.items()) or "nothing re-fitted"
         line = f"reconstruction ({self.mode}): {counts}"
         if self.loss_before is not None and self.loss_after is not None:
             change = (self.loss_after / self.loss_before - 1) if self.loss_before else 0.0
