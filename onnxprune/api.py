@@ -63,8 +63,10 @@ class CutResult:
     flops_after: int
 
 
-def _as_model(model: ModelLike) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+def _as_model(model: ModelLike, share: bool = True) -> onnx.ModelProto:
+    """The model itself, or the file loaded; a large file's weights go to a weight store
+    (``weightstore``) unless ``share`` is False."""
+    return model if isinstance(model, onnx.ModelProto) else load_model(model, share=share)
 
 
 def inspect(model: ModelLike, shapes: Shapes = None) -> Analysis:
@@ -144,7 +146,7 @@ def prune_while_finetuning(model: ModelLike, ratio: float,
     steps on ``train`` ("Less is More"; :mod:`onnxprune.interleaved`); scoring uses
     ``samples`` of the training data. ``finetune_options`` holds other
     :class:`~onnxprune.finetune.FinetuneOptions` fields (``lr``, ``batch_size``, ...)."""
-    model = _as_model(model)
+    model = _as_model(model, share=False)
     opts = PruneOptions(ratio, method, granularity, **options)
     opts.check()
     opts.shapes = complete_shapes(input_specs(model), opts.shapes)

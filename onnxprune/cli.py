@@ -131,7 +131,7 @@ def json_flag_before_model(argv: list[str]) -> list[str]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     RunFiles.from_args(args).check()
-    analysis = api.inspect(load_model(args.model), _shapes(args))
+    analysis = api.inspect(load_model(args.model, share=True), _shapes(args))
     if args.json != "-":
         print(structure_table(analysis))
     if args.json:
@@ -143,7 +143,7 @@ def cmd_cut(args: argparse.Namespace) -> int:
     files = RunFiles.from_args(args)
     files.check()
     units = [u for part in args.remove for u in part.split(",") if u.strip()]
-    result = api.cut(load_model(args.input), units, _shapes(args), rtol=args.rtol,
+    result = api.cut(load_model(args.input, share=True), units, _shapes(args), rtol=args.rtol,
                      atol=args.atol)
     save_model(result.model, args.output, external=Path(args.input) in files.external)
     print(f"removed {len(result.plan.units)} unit(s) from "
@@ -396,7 +396,7 @@ def _recover(args: argparse.Namespace, original, pruned, report: Report):
 
 def cmd_score(args: argparse.Namespace) -> int:
     RunFiles.from_args(args).check()
-    scores = api.score(load_model(args.model), args.calib, method=args.method,
+    scores = api.score(load_model(args.model, share=True), args.calib, method=args.method,
                        granularity=args.granularity, samples=args.samples,
                        batch_size=args.batch_size, loss=args.loss, ema=args.ema,
                        seed=args.seed, shapes=_shapes(args), threads=args.threads,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -17,15 +19,32 @@ from onnxprune.outputs import (
     check_writable,
     external_data_paths,
 )
+from onnxprune.protostream import load_stubbed, save_filled
+from onnxprune.weightstore import (
+    STORE_MIN_BYTES,
+    TENSOR_MIN_BYTES,
+    WeightStore,
+    filled,
+    full_size,
+    is_large,
+    make_stub,
+    model_store,
+    tensor_bytes,
+)
 
 # protobuf refuses to serialise a message over 2 GiB; beyond this the weights go to a side file.
 _EXTERNAL_DATA_LIMIT = 1_800_000_000
 # tensors smaller than this stay in the .onnx file when the weights go to a side file
 _SIDE_FILE_THRESHOLD = 1024
+T = TypeVar("T")
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file with its external data; raise a one-line error for anything else."""
+def load_model(path: str | os.PathLike, share: bool = False) -> onnx.ModelProto:
+    """Read an ONNX file with its external data; raise a one-line error for anything else.
+
+    With ``share``, a model with ``STORE_MIN_BYTES`` of weights or more keeps its large
+    weights in a ``weightstore`` (read one tensor at a time, never the whole file at once):
+    for the commands that copy the model and open several sessions over it."""
     path = Path(path)
     if not path.exists():
         raise OnnxpruneError(f"{path}: no such file")
@@ -33,6 +52,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxpruneError(f"{path}: is a directory, expected an .onnx file")
     if path.stat().st_size == 0:
         raise OnnxpruneError(f"{path}: file is empty")
+    if share and _stored_bytes(path) >= STORE_MIN_BYTES:
+        return _load_into_store(path)
     try:
         model = onnx.load(str(path), load_external_data=True)
     except onnx.checker.ValidationError as exc:   # external data onnx refuses to read
@@ -48,6 +69,65 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxpruneError(f"{path}: not an ONNX model (no graph nodes)")
     check_model(model, path)
     return model
+
+
+def _stored_bytes(path: Path) -> int:
+    """The model file's size and its external data files' together."""
+    return path.stat().st_size + sum(p.stat().st_size for p in external_data_paths(path)
+                                     if p.is_file())
+
+
+def _load_into_store(path: Path) -> onnx.ModelProto:
+    """``load_model`` for a large model: its large weights go into a new store as they are
+    read, checked one by one (the checks ``check_model`` makes on inline tensors)."""
+    store = WeightStore()
+    found: dict[str, tuple[int, int]] = {}   # tensor -> (NaN count, inf count)
+
+    def take(tensor: onnx.TensorProto) -> onnx.TensorProto:
+        _check_tensor_size(tensor, path)
+        if tensor.data_type in _FLOATS:
+            found[tensor.name] = _nonfinite(tensor)
+        if is_large(tensor):
+            store.put(tensor)
+        return tensor
+
+    try:
+        if external_data_paths(path):
+            model = _read(path, lambda: onnx.load(str(path), load_external_data=False))
+            for tensor in model.graph.initializer:
+                if onnx.external_data_helper.uses_external_data(tensor):
+                    _read(path, lambda t=tensor: onnx.external_data_helper.
+                          load_external_data_for_tensor(t, str(path.parent)))
+                take(tensor)
+        else:
+            model = _read(path, lambda: load_stubbed(path, take, TENSOR_MIN_BYTES))
+        if not model.graph.node:
+            raise OnnxpruneError(f"{path}: not an ONNX model (no graph nodes)")
+        check_model(model, path)
+        weights = {name for n in model.graph.node if n.op_type in _WEIGHT_OPS
+                   for name in n.input}
+        for tensor in model.graph.initializer:
+            nan, inf = found.get(tensor.name, (0, 0))
+            _refuse_nonfinite(tensor, nan, inf if tensor.name in weights else 0, path)
+    except BaseException:
+        store.close()
+        raise
+    return model
+
+
+def _read(path: Path, load: Callable[[], T]) -> T:
+    """``load()``, with onnx's and the file system's errors as one line about ``path``."""
+    try:
+        return load()
+    except onnx.checker.ValidationError as exc:   # external data onnx refuses to read
+        raise OnnxpruneError(_external_data_error(path, exc)) from exc
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise OnnxpruneError(f"{path}: not a valid ONNX file (truncated or corrupt: {exc})"
+                             ) from exc
+    except FileNotFoundError as exc:
+        raise OnnxpruneError(f"{path}: external weight file missing: {exc.filename}") from exc
+    except OSError as exc:
+        raise OnnxpruneError(f"{path}: cannot read: {exc}") from exc
 
 
 # --- the up-front checks of a loaded model (issue 15): one line, exit 2, before any work --
@@ -143,14 +223,23 @@ def _check_tensor_size(tensor: onnx.TensorProto, where: str | os.PathLike) -> No
 
 def _check_finite_weight(tensor: onnx.TensorProto, weight: bool,
                          where: str | os.PathLike) -> None:
+    nan, inf = _nonfinite(tensor)
+    _refuse_nonfinite(tensor, nan, inf if weight else 0, where)
+
+
+def _nonfinite(tensor: onnx.TensorProto) -> tuple[int, int]:
+    """How many NaN and inf values ``tensor`` holds."""
     try:
         values = onnx.numpy_helper.to_array(tensor)
     except Exception:  # a type numpy cannot hold: nothing to check here
-        return
+        return 0, 0
     with np.errstate(invalid="ignore"):
         values = np.asarray(values, dtype=np.float32) if values.dtype.kind != "f" else values
-        nan = int(np.isnan(values).sum())
-        inf = int(np.isinf(values).sum()) if weight else 0
+        return int(np.isnan(values).sum()), int(np.isinf(values).sum())
+
+
+def _refuse_nonfinite(tensor: onnx.TensorProto, nan: int, inf: int,
+                      where: str | os.PathLike) -> None:
     if nan or inf:
         found = " and ".join(f"{n:,} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
         raise OnnxpruneError(f"{where}: weight {tensor.name!r} {list(tensor.dims)} holds "
@@ -212,18 +301,41 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
     """
     path = Path(path)
     check_writable(path)
-    external = external or model_size_bytes(model) > _EXTERNAL_DATA_LIMIT
+    external = external or full_size(model) > _EXTERNAL_DATA_LIMIT
     if not any(_nbytes(t) >= _SIDE_FILE_THRESHOLD for t in model.graph.initializer):
         external = False                  # nothing would go to the side file
     if not external:
         with atomic_file(path) as tmp:
-            onnx.save_model(model, tmp)
+            if model_store(model) is None:
+                onnx.save_model(model, tmp)
+            else:                         # weights in a store: one tensor at a time
+                save_filled(model, tmp, filled)
         return
     with atomic_files(path.with_name(f"{path.name}.data"), path) as (tmp_data, tmp):
-        os.unlink(tmp_data)               # onnx creates the side file and refuses one that is
-        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=Path(tmp_data).name, size_threshold=_SIDE_FILE_THRESHOLD)
-        _rewrite_external_location(tmp, f"{path.name}.data")
+        _save_with_side_file(model, tmp, tmp_data, f"{path.name}.data")
+
+
+def _save_with_side_file(model: onnx.ModelProto, model_path: str, data_path: str,
+                         location: str) -> None:
+    """``model`` with every main-graph initializer of ``_SIDE_FILE_THRESHOLD`` bytes or more
+    in ``data_path`` (named ``location`` in the model), written one tensor at a time."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    offset = 0
+    with open(data_path, "wb") as data:
+        for tensor in out.graph.initializer:
+            if _nbytes(tensor) < _SIDE_FILE_THRESHOLD:
+                continue
+            values = tensor_bytes(tensor)
+            if values is None:
+                values = onnx.numpy_helper.to_array(tensor).tobytes()
+            offset = -(-offset // 4096) * 4096   # page-aligned: ONNX Runtime maps them
+            data.seek(offset)
+            data.write(values)
+            make_stub(tensor, location, offset, len(values))
+            offset += len(values)
+            del values
+    onnx.save_model(out, model_path)
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:
@@ -231,16 +343,6 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
         return 0
     size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return size * int(np.prod(tensor.dims, dtype=np.int64))
-
-
-def _rewrite_external_location(model_path: str, location: str) -> None:
-    """Point the external-data entries of a saved file at their final name."""
-    model = onnx.load(model_path, load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save_model(model, model_path)
 
 
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import onnx
 
+from onnxprune.weightstore import check_model
+
 # above this a ModelProto cannot be serialised for onnx.checker (protobuf's 2 GiB limit)
 _CHECKER_LIMIT = 1_800_000_000
 
@@ -114,7 +116,7 @@ def checker_problems(model: onnx.ModelProto) -> list[str]:
     if model.ByteSize() > _CHECKER_LIMIT:
         return []
     try:
-        onnx.checker.check_model(model)
+        check_model(model)
     except onnx.checker.ValidationError as exc:
         text = str(exc).strip().splitlines()
         return [f"onnx.checker: {text[0] if text else type(exc).__name__}"]

@@ -16,6 +16,7 @@ from onnx import helper
 from onnxprune.errors import OnnxpruneError
 from onnxprune.input_roles import InputRole, synthesise
 from onnxprune.shapes import InputSpec, check_fits, input_specs
+from onnxprune.weightstore import session_weights, tensor_array
 
 # the signature lives in onnxprune.shapes; these names stay importable from here
 __all__ = ["InputSpec", "available_providers", "input_specs", "make_session", "ort_message",
@@ -71,9 +72,12 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     providers = providers or ["CPUExecutionProvider"]
+    shared = _share_weights(model, opts)
     try:
         if model.ByteSize() < 1_800_000_000:
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+            session.shared_weights = shared   # the views must outlive the session
+            return session
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
@@ -82,6 +86,23 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
         raise OnnxpruneError(_half_kernel_gap(model, exc)
                              or f"ONNX Runtime cannot load the model: {_first_line(exc)}"
                              ) from exc
+
+
+def _share_weights(model: onnx.ModelProto, opts: ort.SessionOptions) -> list[ort.OrtValue]:
+    """Hand the session the stubs' weights (``weightstore``) as shared initializers: views
+    of one memory map, so that every session of a run reads the same pages. Prepacking is
+    off, since it would make each session its own packed copy."""
+    folder, views = session_weights(model)
+    if not views:
+        return []
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                  str(folder))
+    values = []
+    for name, view in views.items():
+        values.append(ort.OrtValue.ortvalue_from_numpy(view))
+        opts.add_initializer(name, values[-1])
+    return values
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
@@ -182,7 +203,7 @@ def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, 
     values = run(session, feeds)
     values.update(feeds)
     for init in model.graph.initializer:
-        values.setdefault(init.name, onnx.numpy_helper.to_array(init))
+        values.setdefault(init.name, tensor_array(init))
     return values
 
 

@@ -24,6 +24,7 @@ from onnxprune.passes import (
     outputs_changed,
     unsorted_nodes,
 )
+from onnxprune.weightstore import tensor_array
 
 Shapes = dict[str, list[int | None]]
 
@@ -92,7 +93,7 @@ def static_shapes(model: onnx.ModelProto) -> Shapes:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values = {t.name: tensor_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)

@@ -29,6 +29,7 @@ from onnxprune.structure.graph import fresh_name
 from onnxprune.units import LabelRoles, Plan, block_roles
 from onnxprune.units.removal import new_shape
 from onnxprune.verify import Verification, verify
+from onnxprune.weightstore import absorb
 
 
 class BlockSurgeon:
@@ -250,6 +251,7 @@ def apply_plan(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)
     _keep_model_metadata(model, analysis.model)
+    absorb(model)   # a large model's sliced weights join its store
     return model
 
 

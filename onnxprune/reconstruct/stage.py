@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxprune.batches import Feeds, LossBatches
 from onnxprune.errors import OnnxpruneError
@@ -31,6 +31,7 @@ from onnxprune.reconstruct.solve import Fit, Moments, Problem, best, candidates,
 from onnxprune.reconstruct.updates import apply_updates
 from onnxprune.runtime import make_session, run, with_outputs
 from onnxprune.structure.discover import Analysis
+from onnxprune.weightstore import tensor_array
 
 Progress = Callable[[str, int, int], None]
 
@@ -136,7 +137,7 @@ class _Fitter:
         self.first_held = len(batches) - held_out
         inits = {t.name: t for t in model.graph.initializer}
         names = [n for s in sites for n in (s.weight, s.bias) if n]
-        self.start = {n: numpy_helper.to_array(inits[n]) for n in names}
+        self.start = {n: np.array(tensor_array(inits[n])) for n in names}
         self.params = dict(self.start)
         fed = onnx.ModelProto()
         fed.CopyFrom(model)

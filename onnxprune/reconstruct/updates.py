@@ -10,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import OnnxpruneError, VerificationError
+from onnxprune.weightstore import absorb, tensor_array
 
 Updates = Mapping[str, np.ndarray]
 
@@ -24,6 +25,7 @@ def apply_updates(model: onnx.ModelProto, updates: Updates) -> onnx.ModelProto:
         if name not in inits:
             raise OnnxpruneError(f"reconstruction updates unknown initializer {name!r}")
         inits[name].CopyFrom(_tensor(inits[name], value))
+    absorb(out)   # a large model's new weights join its store
     return out
 
 
@@ -68,5 +70,5 @@ def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
         return False
     if a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True):
         return True
-    x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+    x, y = tensor_array(a), tensor_array(b)
     return x.tobytes() == y.tobytes()

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxprune.autodiff import (
     NoGradientError,
@@ -50,6 +50,7 @@ from onnxprune.scores.base import (
 )
 from onnxprune.structure.discover import Analysis
 from onnxprune.units import UnitKind, module_kind, unit_kind
+from onnxprune.weightstore import store_of
 
 # the loss scale for float16 gate gradients (divided by 64 while the gradients overflow)
 HALF_LOSS_SCALE = 4096.0
@@ -147,19 +148,23 @@ class GradientPass:
         return values[SAMPLE_LOSS], grads
 
 
-def lift_weights(model: onnx.ModelProto, least: int | None = None) -> dict[str, np.ndarray]:
-    """Float initializers of ``least`` (default ``LIFT_BYTES``) bytes or more become graph
-    inputs (in place); their values, by name. Small ones and integer ones (shapes, pads,
-    indices) stay: shape inference and onnx-ad read them."""
+def lift_weights(model: onnx.ModelProto, least: int | None = None
+                 ) -> dict[str, onnx.TensorProto]:
+    """Float initializers of ``least`` (default ``LIFT_BYTES``) bytes or more, and every
+    weight-store stub, become graph inputs (in place); the initializers, by name. Small ones
+    and integer ones (shapes, pads, indices) stay: shape inference and onnx-ad read them."""
     least = LIFT_BYTES if least is None else least
-    lifted: dict[str, np.ndarray] = {}
+    lifted: dict[str, onnx.TensorProto] = {}
     inits = model.graph.initializer
     for i in reversed(range(len(inits))):
         tensor = inits[i]
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < least \
-                or tensor.data_type not in _WEIGHT_TYPES:   # integer tensors: shape operands
+        stub = store_of(tensor) is not None
+        if not stub and (tensor.data_location == onnx.TensorProto.EXTERNAL
+                         or len(tensor.raw_data) < least
+                         or tensor.data_type not in _WEIGHT_TYPES):   # shape operands
             continue
-        lifted[tensor.name] = numpy_helper.to_array(tensor)
+        lifted[tensor.name] = onnx.TensorProto()
+        lifted[tensor.name].CopyFrom(tensor)
         model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
                                                                list(tensor.dims)))
         del inits[i]
@@ -170,7 +175,7 @@ _WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPr
                  onnx.TensorProto.DOUBLE)
 
 
-def restore_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
+def restore_weights(model: onnx.ModelProto, weights: Mapping[str, onnx.TensorProto]
                     ) -> onnx.ModelProto:
     """A copy of ``model`` with the lifted ``weights`` it reads as initializers again."""
     out = onnx.ModelProto()
@@ -179,7 +184,7 @@ def restore_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
     kept = [i for i in out.graph.input if i.name not in names]
     del out.graph.input[:]
     out.graph.input.extend(kept)
-    out.graph.initializer.extend(numpy_helper.from_array(weights[n], n) for n in sorted(names))
+    out.graph.initializer.extend(weights[n] for n in sorted(names))
     return out
 
 

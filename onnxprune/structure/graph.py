@@ -8,6 +8,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxprune.weightstore import store_of, tensor_array
 
 # Ops that map each element to one element at the same position (broadcasting allowed).
 ELEMENTWISE = frozenset({
@@ -55,6 +58,15 @@ def graph_opsets(graph: gs.Graph) -> dict[str, int]:
     return opsets
 
 
+def constant_values(constant: gs.Constant) -> np.ndarray:
+    """A graphsurgeon constant's values; a weight stub's read from its store (graphsurgeon
+    would look for the stub's file beside the working directory)."""
+    lazy = getattr(constant, "_values", None)
+    if isinstance(lazy, LazyValues) and store_of(lazy.tensor) is not None:
+        return tensor_array(lazy.tensor)
+    return np.asarray(constant.values)
+
+
 class GraphView:
     """Producers, consumers and constant values of a graphsurgeon graph."""
 
@@ -98,7 +110,7 @@ class GraphView:
         """The value of a tensor fixed at export time: initializer or Constant node output."""
         t = self.tensors[tensor] if isinstance(tensor, str) else tensor
         if isinstance(t, gs.Constant):
-            return np.asarray(t.values)
+            return constant_values(t)
         prod = self.producer.get(t.name)
         if prod is None:
             return None

@@ -21,7 +21,8 @@ FAST = Path(__file__).resolve().parent
 
 # low to high; "pkg.*" is a whole subpackage, "pkg.__init__" only its __init__.py
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["errors", "progress", "callable_module", "outputs", "schemas.*"]),
+    ("base", ["errors", "progress", "callable_module", "outputs", "schemas.*",
+              "weightstore", "protostream"]),
     ("graph", ["structure.__init__", "structure.graph", "structure.labels", "ops.*", "passes"]),
     ("io and data", ["runtime", "modelio", "shapes", "input_roles", "data", "datasets.*", "losses",
                      "batches"]),
