@@ -78,6 +78,7 @@ def gradient_graph(model: onnx.ModelProto, wrt: Sequence[str], output: str) -> G
     drop_dead_nodes(adjoint)
     speed_up_seed_axis(adjoint)
     UpcastHalfKernels().run(adjoint)
+    FuseWeightTransposes().run(adjoint)
     return GradientGraph(adjoint, seed, {x: SEED_PREFIX + x for x in wrt}, seed_dtype)
 
 
@@ -127,6 +128,43 @@ class UpcastHalfKernels(Pass):
         del graph.node[:]
         graph.node.extend(nodes)
         self.changed = changed
+        return changed
+
+    def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+        return [*outputs_changed(before, after), *unsorted_nodes(after)]
+
+
+class FuseWeightTransposes(Pass):
+    """``MatMul(x, Transpose(W))`` of a 2-D weight W (the adjoint onnx-ad emits for the
+    input of ``x @ W``) becomes ``com.microsoft.FusedMatMul(x, W, transB=1)``: ONNX Runtime
+    would otherwise fold each ``Transpose(W)`` into a transposed copy of the weight, one
+    more copy of the whole model in the gradient session. Post: same outputs, nodes in
+    order."""
+
+    name = "fuse weight transposes"
+
+    def apply(self, model: onnx.ModelProto) -> int:
+        graph = model.graph
+        dims = {t.name: len(t.dims) for t in graph.initializer}
+        dims.update({i.name: len(i.type.tensor_type.shape.dim) for i in graph.input
+                     if i.type.tensor_type.HasField("shape")})
+        transposed = {n.output[0]: n.input[0] for n in graph.node
+                      if n.op_type == "Transpose" and dims.get(n.input[0]) == 2
+                      and [list(a.ints) for a in n.attribute if a.name == "perm"] in
+                      ([], [[1, 0]])}
+        changed = 0
+        for node in graph.node:
+            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") \
+                    and node.input[1] in transposed:
+                node.op_type, node.domain = "FusedMatMul", "com.microsoft"
+                node.input[1] = transposed[node.input[1]]
+                node.attribute.extend([onnx.helper.make_attribute("transB", 1),
+                                       onnx.helper.make_attribute("alpha", 1.0)])
+                changed += 1
+        if changed:
+            if not any(o.domain == "com.microsoft" for o in model.opset_import):
+                model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+            drop_dead_nodes(model)
         return changed
 
     def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:

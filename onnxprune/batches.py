@@ -10,7 +10,11 @@ the curvature of the distillation loss (:meth:`LossBatches.gradient_batches`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,6 +31,7 @@ from onnxprune.losses import (
     target_name,
 )
 from onnxprune.runtime import make_session, run, with_outputs
+from onnxprune.weightstore import model_store
 
 Feeds = dict[str, np.ndarray]
 Progress = Callable[[str, int, int], None]
@@ -56,7 +61,8 @@ class LossBatches:
         self.batches: list[tuple[Feeds, Feeds]] = []
         self.raw_targets: list[Feeds] = []
         self.reference: list[Feeds] = []
-        self.probed: list[Feeds] = []
+        self.probed: list[Mapping[str, np.ndarray]] = []
+        spill = _spill_folder(self, model) if probes else None
         chunks = list(calib.batches(batch_size))
         for n, (inputs, targets) in enumerate(chunks):
             if progress:
@@ -67,7 +73,7 @@ class LossBatches:
             self.batches.append((inputs, target_feeds(spec, targets, out)))
             self.raw_targets.append(targets)
             self.reference.append(out)
-            self.probed.append(values)
+            self.probed.append(values if spill is None else SpilledFeeds(spill, n, values))
         if progress:
             progress("baseline", len(chunks), len(chunks))
 
@@ -112,6 +118,43 @@ class LossBatches:
         reference = {k: np.concatenate([o[k] for o in self.reference]) for k in joined}
         return float(np.concatenate(losses).mean()), quality(self.spec, joined, targets,
                                                              reference)
+
+
+def _spill_folder(owner: object, model: onnx.ModelProto) -> Path | None:
+    """Where a large model's kept tensors wait on disk (beside its weight store, removed
+    with ``owner``); None for a model held in memory."""
+    store = model_store(model)
+    if store is None:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="probes-", dir=store.folder))
+    weakref.finalize(owner, shutil.rmtree, folder, True)
+    return folder
+
+
+class SpilledFeeds(Mapping[str, np.ndarray]):
+    """One batch's tensors kept on disk until read (each read loads that tensor alone): a
+    large model's per-block outputs on every calibration batch would otherwise take more
+    memory than its weights."""
+
+    def __init__(self, folder: Path, batch: int, values: Feeds):
+        self.paths: dict[str, Path] = {}
+        for i, (name, value) in enumerate(values.items()):
+            self.paths[name] = folder / f"{batch}-{i}.npy"
+            try:
+                np.save(self.paths[name], value, allow_pickle=False)
+            except OSError as exc:
+                raise OnnxpruneError(f"cannot keep the calibration pass's block outputs in "
+                                     f"{folder} ({exc.strerror or exc}); set TMPDIR to a "
+                                     f"folder with room, or pass --reconstruct none") from exc
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.load(self.paths[name], allow_pickle=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 def sampled_targets(spec: LossSpec, outputs: Feeds, rng: np.random.Generator) -> Feeds:

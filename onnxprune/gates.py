@@ -261,6 +261,19 @@ class Gater:
             self.multiply(tensor, gate, "send_gated")
 
 
+def shapes_only(trace: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """``trace`` with each float tensor of 64 KiB or more replaced by zeros of its shape
+    and dtype that take no memory (a broadcast scalar): once the gates are placed, the
+    batch trace is read for shapes and shape operands only, and at a doubled batch it
+    would otherwise hold twice the analysis trace for the whole scoring."""
+    if trace is None:
+        return None
+    return {name: np.broadcast_to(np.zeros((), value.dtype), value.shape)
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+            and value.nbytes >= 1 << 16 else value
+            for name, value in trace.items()}
+
+
 def batch_trace(analysis: Analysis) -> dict[str, np.ndarray]:
     """A second trace with every dynamic leading input dim doubled (the analysis input
     first, then a different one): comparing it with the analysis trace shows which axis of
@@ -308,7 +321,7 @@ class GatePass(DerivePass):
         del gated.opset_import[:]
         gated.opset_import.extend(model.opset_import)
         self.made = [g.input for g in gater.gates]
-        return GatedModel(gated, gater.gates, gater.batch_trace, gater.aliases)
+        return GatedModel(gated, gater.gates, shapes_only(gater.batch_trace), gater.aliases)
 
     def model_of(self, result: GatedModel) -> onnx.ModelProto:
         return result.model

@@ -81,6 +81,7 @@ def _load_into_store(path: Path) -> onnx.ModelProto:
     """``load_model`` for a large model: its large weights go into a new store as they are
     read, checked one by one (the checks ``check_model`` makes on inline tensors)."""
     store = WeightStore()
+    store.reserve(2 * _stored_bytes(path) + (1 << 20))   # room for a cut's new weights
     found: dict[str, tuple[int, int]] = {}   # tensor -> (NaN count, inf count)
 
     def take(tensor: onnx.TensorProto) -> onnx.TensorProto:

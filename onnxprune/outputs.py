@@ -46,8 +46,13 @@ def external_data_paths(model_path: str | os.PathLike) -> list[Path]:
     unreadable file gives none (loading it reports why)."""
     import onnx
 
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
+    from onnxprune.protostream import load_stubbed
+
+    def without_data(tensor: onnx.TensorProto) -> onnx.TensorProto:
+        return onnx.TensorProto(name=tensor.name, external_data=tensor.external_data)
+
+    try:   # large inline tensors are read one at a time and dropped
+        model = load_stubbed(model_path, without_data, 1 << 16)
     except Exception:  # load_model gives the one-line error later
         return []
     folder = Path(model_path).parent

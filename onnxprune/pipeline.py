@@ -321,7 +321,8 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     spec = choose_loss(model, calib.targets, opts.loss, skip=caches)
     refits = opts.reconstruct != "none" and opts.train_between is None
     data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed,
-                       probes=dict(block_outputs(first).values()) if refits else None,
+                       probes=dict(block_outputs(first).values())
+                       if refits and calib.n_samples > opts.batch_size else None,
                        progress=progress)
     loss_before, quality_before = data.evaluate_original()
     since = stage_done(progress, "baseline", since)
@@ -368,6 +369,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
                                   round(scores.seconds, 3), scores.fallbacks,
                                   check.max_abs_diff, chosen.counts, chosen.swaps))
     check_removed_something(units, opts)
+    first.trace = {}   # the original's traced run: what follows reads only its structure
     # -- reconstruction of the kept weights (onnxprune.reconstruct): once, after the last
     # verified cut, against the original; the result is proven to be that cut plus the
     # named weight updates

@@ -13,6 +13,8 @@ import weakref
 from collections.abc import Callable
 from typing import ClassVar
 
+from onnxprune.weightstore import release_pages
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -112,6 +114,7 @@ def trim_heap() -> None:
             _TRIM = False
     if _TRIM and _resident_bytes() > TRIM_ABOVE:
         _TRIM(0)
+    release_pages()
 
 
 def _resident_bytes() -> int:

@@ -17,6 +17,8 @@ from math import gcd
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune.errors import NotPrunableError
 from onnxprune.ops import require_rule
@@ -29,7 +31,7 @@ from onnxprune.structure.graph import fresh_name
 from onnxprune.units import LabelRoles, Plan, block_roles
 from onnxprune.units.removal import new_shape
 from onnxprune.verify import Verification, verify
-from onnxprune.weightstore import absorb
+from onnxprune.weightstore import TENSOR_MIN_BYTES, WeightStore, model_store
 
 
 class BlockSurgeon:
@@ -249,10 +251,23 @@ def apply_plan(analysis: Analysis, plan: Plan) -> onnx.ModelProto:
             continue
         BlockSurgeon(graph, analysis, block, block_roles(block, cut)).apply()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _store_new_weights(graph, model_store(analysis.model))
     model = gs.export_onnx(graph)
     _keep_model_metadata(model, analysis.model)
-    absorb(model)   # a large model's sliced weights join its store
     return model
+
+
+def _store_new_weights(graph: gs.Graph, store: WeightStore | None) -> None:
+    """A large model's sliced weights go to its store one by one, before the export would
+    copy them all into the new model at once (the graph then holds stubs)."""
+    if store is None:
+        return
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, LazyValues) \
+                and tensor.values.nbytes >= TENSOR_MIN_BYTES:
+            proto = numpy_helper.from_array(np.ascontiguousarray(tensor.values), tensor.name)
+            store.put(proto)
+            tensor._values = LazyValues(proto)
 
 
 def _keep_model_metadata(model: onnx.ModelProto, original: onnx.ModelProto) -> None:

@@ -54,8 +54,10 @@ class WeightStore:
         self.location = f"weights-{uuid.uuid4().hex[:12]}.bin"
         self.path = self.folder / self.location
         self._file = open(self.path, "w+b")   # noqa: SIM115 (closed by close())
-        self.size = 0
+        self.size = 0          # bytes written
+        self.capacity = 0      # the file's length
         self._map: np.ndarray | None = None   # the whole file, read-only
+        self._mmap: mmap.mmap | None = None
         self._views: dict[tuple[int, int, int, tuple[int, ...]], np.ndarray] = {}
         _STORES[self.location] = self
         self._finalizer = weakref.finalize(self, _remove, self.location, self.folder)
@@ -67,6 +69,8 @@ class WeightStore:
             numpy_helper.to_array(tensor).tobytes()
         offset = -(-self.size // _ALIGN) * _ALIGN
         try:
+            if offset + len(data) > self.capacity:
+                self.reserve(max(2 * self.capacity, offset + len(data)))
             self._file.seek(offset)
             self._file.write(data)
             self._file.flush()
@@ -75,8 +79,15 @@ class WeightStore:
                                  f"({exc.strerror or exc}); set TMPDIR to a folder with "
                                  f"room for the model") from exc
         self.size = offset + len(data)
-        self._map = None                 # remapped on the next read
         make_stub(tensor, self.location, offset, len(data))
+
+    def reserve(self, capacity: int) -> None:
+        """Make the file ``capacity`` bytes long (sparse: no disk used until written), so
+        that weights added later fit in the memory map that views already point into."""
+        if capacity > self.capacity:
+            os.ftruncate(self._file.fileno(), capacity)
+            self.capacity = capacity
+            self._map = self._mmap = None     # remapped on the next read
 
     # -- reading ---------------------------------------------------------------------------
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
@@ -86,13 +97,20 @@ class WeightStore:
         key = (offset, length, tensor.data_type, tuple(tensor.dims))
         view = self._views.get(key)
         if view is None:
-            if self._map is None or self._map.size < offset + length:
-                self._map = np.frombuffer(mmap.mmap(self._file.fileno(), 0,
-                                                    access=mmap.ACCESS_READ), np.uint8)
+            if self._map is None:
+                self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+                self._map = np.frombuffer(self._mmap, np.uint8)
                 self._views.clear()
             view = self._map[offset:offset + length].view(dtype).reshape(tuple(tensor.dims))
             self._views[key] = view
         return view
+
+    def release(self) -> None:
+        """Drop the file's pages from this process's resident set (they come back from the
+        page cache on the next read): a stage's weights (the original's, before the cut)
+        stop counting once the next stage no longer reads them."""
+        if self._mmap is not None:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
 
     def read(self, tensor: onnx.TensorProto) -> bytes:
         """The stub's bytes, read from the file (without touching the memory map)."""
@@ -101,7 +119,7 @@ class WeightStore:
 
     def close(self) -> None:
         self._views.clear()
-        self._map = None
+        self._map = self._mmap = None
         self._file.close()
         self._finalizer()
 
@@ -109,6 +127,12 @@ class WeightStore:
 def _remove(location: str, folder: Path) -> None:
     _STORES.pop(location, None)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def release_pages() -> None:
+    """:meth:`WeightStore.release` for every live store."""
+    for store in list(_STORES.values()):
+        store.release()
 
 
 @atexit.register
@@ -172,6 +196,7 @@ def offload(model: onnx.ModelProto, min_total: int = STORE_MIN_BYTES,
     if not large or total < min_total:
         return None
     store = WeightStore(folder)
+    store.reserve(2 * total + (1 << 20))   # room for a cut's new weights
     for tensor in large:
         store.put(tensor)
     return store
@@ -201,7 +226,7 @@ def filled(tensor: onnx.TensorProto) -> onnx.TensorProto | None:
     out = onnx.TensorProto()
     out.CopyFrom(tensor)
     del out.external_data[:]
-    out.data_location = onnx.TensorProto.DEFAULT
+    out.ClearField("data_location")   # as an inline tensor is written: field unset
     out.raw_data = store.read(tensor)
     return out
 

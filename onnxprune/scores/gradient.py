@@ -50,7 +50,7 @@ from onnxprune.scores.base import (
 )
 from onnxprune.structure.discover import Analysis
 from onnxprune.units import UnitKind, module_kind, unit_kind
-from onnxprune.weightstore import store_of
+from onnxprune.weightstore import full_size, model_store, store_of
 
 # the loss scale for float16 gate gradients (divided by 64 while the gradients overflow)
 HALF_LOSS_SCALE = 4096.0
@@ -115,7 +115,7 @@ class GradientPass:
             declare_static_shapes(model, *self.traces, batch)
             graph = gradient_graph(model, [g.input for g in self.gates], TOTAL_LOSS)
             session = make_session(restore_weights(graph.model, self.weights),
-                                   threads=self.threads)
+                                   threads=self.threads, arena=False)
             self.graphs[key] = (graph, session)
         return self.graphs[key]
 
@@ -188,13 +188,19 @@ def restore_weights(model: onnx.ModelProto, weights: Mapping[str, onnx.TensorPro
     return out
 
 
-def micro_batch(analysis: Analysis, budget: int = ACTIVATION_BUDGET) -> int | None:
+def micro_batch(analysis: Analysis, budget: int | None = None) -> int | None:
     """The most samples one gradient run may take (a power of two), from the activations
     of the analysed run (one sample where the batch is dynamic); None when the batch is
-    fixed in the graph (it cannot be split)."""
+    fixed in the graph (it cannot be split). The budget (default: ``ACTIVATION_BUDGET``,
+    or a quarter of the weights' bytes for a model in a weight store, whichever is less,
+    but never under 64 MiB) keeps a large model's peak near its size."""
     if any(d.dim_value > 0 for vi in analysis.model.graph.input[:1]
            for d in vi.type.tensor_type.shape.dim[:1]):
         return None
+    if budget is None:
+        budget = ACTIVATION_BUDGET
+        if model_store(analysis.model) is not None:
+            budget = min(budget, max(64 << 20, full_size(analysis.model) // 4))
     weights = {t.name for t in analysis.model.graph.initializer}
     per_sample = sum(v.nbytes for k, v in analysis.trace.items()
                      if k not in weights and isinstance(v, np.ndarray))

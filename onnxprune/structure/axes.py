@@ -29,6 +29,7 @@ from onnxprune.structure.labels import (
     Sink,
     UnionFind,
     column_labels,
+    compact,
     varies_along,
 )
 
@@ -71,6 +72,9 @@ class LabelPropagator:
                 flow.shape_reads.append(node.name)
                 continue
             require_rule(node, self.view.opset).propagate(self, node, flow)
+            for out in node.outputs:
+                if out.name in flow.labels:
+                    flow.labels[out.name] = compact(flow.labels[out.name])
             flow.nodes.append(node.name)
         leaked = self.view.output_names & flow.labels.keys()
         leaked -= set(cache_outputs(self.view, flow))

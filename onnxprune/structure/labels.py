@@ -80,7 +80,20 @@ class Flow:
 def column_labels(shape: tuple[int, ...], base: int) -> np.ndarray:
     """Labels of a projection output: column c of the weight gets id base + c."""
     cols = np.arange(base, base + shape[-1], dtype=np.int64)
-    return np.broadcast_to(cols, shape).copy()
+    return np.broadcast_to(cols, shape)
+
+
+def compact(labels: np.ndarray) -> np.ndarray:
+    """The same labels, held as a read-only broadcast of their distinct part: along an axis
+    where every slice is the same (a token or batch axis), one slice is kept. A large
+    model's label arrays would otherwise take as much memory as its activations."""
+    reduced = labels
+    for axis in range(labels.ndim):
+        if reduced.shape[axis] > 1 and not varies_along(reduced, axis):
+            reduced = reduced.take([0], axis=axis)
+    if reduced.size == labels.size:
+        return labels
+    return np.broadcast_to(np.ascontiguousarray(reduced), labels.shape)
 
 
 def varies_along(labels: np.ndarray, axis: int) -> bool:

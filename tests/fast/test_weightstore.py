@@ -1,0 +1,164 @@
+"""The weight store (issue 16): a large model's weights held once, in one file, shared by
+every copy of the model and every ONNX Runtime session; what a run writes is the same as
+without it, byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxprune import modelio, weightstore
+from onnxprune.cli import main
+from onnxprune.errors import OnnxpruneError
+from onnxprune.runtime import make_session, run
+
+REFERENCE = Path(__file__).resolve().parents[2] / "models" / "patchtst_etth1.onnx"
+CUT = ["--remove", "attn0.head1,attn1.head3,ffn0.ch3,ffn2.ch7"]
+
+
+def _mlp(seed: int = 0) -> onnx.ModelProto:
+    """x [2, 128] -> MatMul(128x160) -> Relu -> MatMul(160x128) + bias: two weights over
+    the store's 64 KiB per tensor (80 KiB each) and a small bias."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((128, 160)).astype(np.float32)
+    w2 = rng.standard_normal((160, 128)).astype(np.float32)
+    bias = rng.standard_normal(128).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"]),
+             helper.make_node("Add", ["m", "bias"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 128])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 128])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(bias, "bias")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def share_all(monkeypatch):
+    """Every model counts as large: the store's paths run on the small test models."""
+    monkeypatch.setattr(weightstore, "STORE_MIN_BYTES", 0)
+    monkeypatch.setattr(modelio, "STORE_MIN_BYTES", 0)
+
+
+def test_offload_moves_only_large_tensors_and_reads_them_back():
+    model = _mlp()
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    store = weightstore.offload(model, min_total=0)
+    try:
+        stubs = {t.name for t in model.graph.initializer if weightstore.store_of(t)}
+        assert stubs == {"w1", "w2"}                       # the bias (512 B) stays inline
+        assert model.ByteSize() < 2_000
+        for tensor in model.graph.initializer:
+            value = weightstore.tensor_array(tensor)
+            np.testing.assert_array_equal(value, original[tensor.name])
+        w1 = next(t for t in model.graph.initializer if t.name == "w1")
+        assert not weightstore.tensor_array(w1).flags.writeable
+        assert weightstore.offload(_mlp(), min_total=10**9) is None   # a small model stays
+    finally:
+        store.close()
+    assert not store.folder.exists()
+
+
+def test_sessions_over_stubs_compute_what_the_inline_model_computes():
+    inline = _mlp()
+    x = {"x": np.random.default_rng(1).standard_normal((2, 128)).astype(np.float32)}
+    expected = run(make_session(inline), x)["y"]
+    stubbed = _mlp()
+    store = weightstore.offload(stubbed, min_total=0)
+    sessions = [make_session(stubbed) for _ in range(3)]
+    for session in sessions:
+        np.testing.assert_allclose(run(session, x)["y"], expected, rtol=1e-5, atol=1e-5)
+    store.close()
+
+
+def test_new_weights_join_the_store_and_are_written_inline_byte_for_byte(tmp_path):
+    model = _mlp()
+    weightstore.offload(model, min_total=0)
+    extra = np.arange(128 * 160, dtype=np.float32).reshape(128, 160)
+    model.graph.initializer.append(numpy_helper.from_array(extra, "extra"))
+    weightstore.absorb(model)
+    added = model.graph.initializer[-1]
+    assert weightstore.store_of(added) is not None
+    np.testing.assert_array_equal(weightstore.tensor_array(added), extra)
+    modelio.save_model(model, tmp_path / "out.onnx")
+    plain = _mlp()
+    plain.graph.initializer.append(numpy_helper.from_array(extra, "extra"))
+    assert (tmp_path / "out.onnx").read_bytes() == plain.SerializeToString()
+
+
+def test_external_output_of_a_stubbed_model(tmp_path):
+    model = _mlp()
+    weightstore.offload(model, min_total=0)
+    modelio.save_model(model, tmp_path / "out.onnx", external=True)
+    assert (tmp_path / "out.onnx.data").exists()
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    for a, b in zip(written.graph.initializer, _mlp().graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_the_checker_reads_stubs_from_their_store():
+    model = _mlp()
+    weightstore.offload(model, min_total=0)
+    weightstore.check_model(model, full_check=True)        # no error: the stubs resolve
+
+
+def test_load_into_store_checks_every_weight(tmp_path, share_all):
+    good = tmp_path / "good.onnx"
+    onnx.save_model(_mlp(), str(good))
+    loaded = modelio.load_model(good, share=True)
+    assert {t.name for t in loaded.graph.initializer if weightstore.store_of(t)} == \
+        {"w1", "w2"}
+    bad = _mlp()
+    values = numpy_helper.to_array(bad.graph.initializer[0]).copy()
+    values[3, 4] = np.nan
+    bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(values, "w1"))
+    onnx.save_model(bad, str(tmp_path / "nan.onnx"))
+    with pytest.raises(OnnxpruneError, match="'w1'.*NaN"):
+        modelio.load_model(tmp_path / "nan.onnx", share=True)
+    values[3, 4] = np.inf
+    bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(values, "w1"))
+    onnx.save_model(bad, str(tmp_path / "inf.onnx"))
+    with pytest.raises(OnnxpruneError, match="'w1'.*inf"):
+        modelio.load_model(tmp_path / "inf.onnx", share=True)
+
+
+def test_load_into_store_from_external_data(tmp_path, share_all):
+    onnx.save_model(_mlp(), str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    loaded = modelio.load_model(tmp_path / "m.onnx", share=True)
+    for a, b in zip(loaded.graph.initializer, _mlp().graph.initializer, strict=True):
+        np.testing.assert_array_equal(weightstore.tensor_array(a), numpy_helper.to_array(b))
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_a_cut_writes_the_same_model_with_the_store(tmp_path, monkeypatch, external):
+    """The exactness contract does not depend on where the weights live: the cut of the
+    reference model written through the store is byte for byte the cut written without."""
+    source = tmp_path / "model.onnx"
+    onnx.save_model(onnx.load(str(REFERENCE)), str(source), save_as_external_data=external,
+                    location="model.onnx.data", size_threshold=1024)
+    assert main(["cut", str(source), str(tmp_path / "plain.onnx"), *CUT]) == 0
+    monkeypatch.setattr(modelio, "STORE_MIN_BYTES", 0)
+    assert main(["cut", str(source), str(tmp_path / "stored.onnx"), *CUT]) == 0
+    stored, plain = ((tmp_path / f"{name}.onnx").read_bytes() for name in ("stored", "plain"))
+    if external:   # the side files are named after their models
+        assert (tmp_path / "stored.onnx.data").read_bytes() == \
+            (tmp_path / "plain.onnx.data").read_bytes()
+        stored, plain = (_renamed(tmp_path / f"{name}.onnx") for name in ("stored", "plain"))
+    assert stored == plain
+
+
+def _renamed(path: Path) -> bytes:
+    """The file's model with its side file's name taken out."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "side"
+    return model.SerializeToString()
