@@ -96,10 +96,14 @@ def _load_into_store(path: Path) -> onnx.ModelProto:
         if external_data_paths(path):
             model = _read(path, lambda: onnx.load(str(path), load_external_data=False))
             for tensor in model.graph.initializer:
-                if onnx.external_data_helper.uses_external_data(tensor):
-                    _read(path, lambda t=tensor: onnx.external_data_helper.
+                # read into a message of its own: data set on the model's tensor would stay
+                # in the model's protobuf arena after the store took it
+                alone = onnx.TensorProto()
+                alone.CopyFrom(tensor)
+                if onnx.external_data_helper.uses_external_data(alone):
+                    _read(path, lambda t=alone: onnx.external_data_helper.
                           load_external_data_for_tensor(t, str(path.parent)))
-                take(tensor)
+                tensor.CopyFrom(take(alone))
         else:
             model = _read(path, lambda: load_stubbed(path, take, TENSOR_MIN_BYTES))
         if not model.graph.node:

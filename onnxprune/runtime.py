@@ -72,11 +72,12 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     providers = providers or ["CPUExecutionProvider"]
-    shared = _share_weights(model, opts)
+    model, shared, fed = _share_weights(model, opts)
     try:
         if model.ByteSize() < 1_800_000_000:
             session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
             session.shared_weights = shared   # the views must outlive the session
+            session.fed_weights = fed
             return session
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
@@ -88,28 +89,65 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
                              ) from exc
 
 
-def _share_weights(model: onnx.ModelProto, opts: ort.SessionOptions) -> list[ort.OrtValue]:
-    """Hand the session the stubs' weights (``weightstore``) as shared initializers: views
-    of one memory map, so that every session of a run reads the same pages. Prepacking is
-    off, since it would make each session its own packed copy."""
+_HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _share_weights(model: onnx.ModelProto, opts: ort.SessionOptions
+                   ) -> tuple[onnx.ModelProto, list[ort.OrtValue], dict[str, ort.OrtValue]]:
+    """Hand the session the stubs' weights (``weightstore``): views of one memory map, so
+    that every session of a run reads the same pages. Prepacking is off, since it would
+    make each session its own packed copy.
+
+    Float weights are shared initializers. Half-precision ones become graph inputs fed at
+    every run (``run``): on the CPU, ONNX Runtime computes half-precision matmuls in float32
+    and would keep a float32 copy of every constant half weight, twice the model, in each
+    session; fed, each is widened only while its node runs. Returns the model (a copy
+    when weights became inputs), the shared values and the fed ones."""
     folder, views = session_weights(model)
     if not views:
-        return []
+        return model, [], {}
     opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                   str(folder))
-    values = []
+    opts.enable_cpu_mem_arena = False   # an arena keeps every widened weight it ever held
+    half = {t.name for t in model.graph.initializer
+            if t.name in views and t.data_type in _HALF}
+    shared, fed = [], {}
     for name, view in views.items():
-        values.append(ort.OrtValue.ortvalue_from_numpy(view))
-        opts.add_initializer(name, values[-1])
-    return values
+        value = ort.OrtValue.ortvalue_from_numpy(view)
+        if name in half:
+            fed[name] = value
+        else:
+            shared.append(value)
+            opts.add_initializer(name, value)
+    if half:
+        model = _weights_as_inputs(model, half)
+    return model, shared, fed
+
+
+def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [t for t in out.graph.initializer if t.name not in names]
+    out.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in out.graph.initializer if t.name in names)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     names = outputs or [o.name for o in session.get_outputs()]
+    fed = getattr(session, "fed_weights", None)
     try:
-        values = session.run(names, dict(feeds))
+        if fed:
+            given = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                     for k, v in feeds.items()}
+            values = [v.numpy() for v in session.run_with_ort_values(names,
+                                                                     {**given, **fed})]
+        else:
+            values = session.run(names, dict(feeds))
     except Exception as exc:
         raise OnnxpruneError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
     return dict(zip(names, values))

@@ -11,7 +11,7 @@ offset, length) into that file, a few bytes each, which copy for free.
   so N sessions cost one copy, not N; prepacking is off for them (a packed copy per session
   is what sharing avoids);
 - weights a run creates (a cut's sliced matrices, re-fitted ones) are appended to the same
-  file (``absorb``);
+  file (``WeightStore.put``);
 - writing the result reads each stub back from the file (``filled``).
 
 The file lives in a private temporary folder, removed when the store is closed, at exit,
@@ -205,17 +205,6 @@ def offload(model: onnx.ModelProto, min_total: int = STORE_MIN_BYTES,
 def model_store(model: onnx.ModelProto) -> WeightStore | None:
     """The store ``model``'s stubs point into (None: it has none)."""
     return next((s for s in map(store_of, model.graph.initializer) if s is not None), None)
-
-
-def absorb(model: onnx.ModelProto) -> None:
-    """Move the large inline initializers of a model that already uses a store (the
-    weights a cut or a re-fit made) into that store, in place."""
-    store = model_store(model)
-    if store is None:
-        return
-    for tensor in model.graph.initializer:
-        if is_large(tensor):
-            store.put(tensor)
 
 
 def filled(tensor: onnx.TensorProto) -> onnx.TensorProto | None:

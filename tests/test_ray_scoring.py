@@ -148,3 +148,19 @@ def test_a_worker_that_cannot_differentiate_reports_it(monkeypatch):
                            True, [(inputs, targets, np.ones(4), 0)]))
     assert len(out) == 2 and out[0] and all(isinstance(g, str) for g in out[0])
     assert isinstance(out[1], str) and "FancyOp" in out[1]
+
+
+def test_workers_get_the_weights_of_a_model_in_a_weight_store(cluster, monkeypatch):
+    """A large model's weights sit in the driver's weight store; the workers (possibly on
+    other machines) are sent the model with its weights, and score what one process does
+    (to rounding: the driver's sessions read the store without prepacked weights)."""
+    from onnxprune import modelio
+
+    options = dict(method="fisher", samples=32, batch_size=8, seed=3)
+    one = onnxprune.score(MODEL, _calib(), **options)
+    monkeypatch.setattr(modelio, "STORE_MIN_BYTES", 0)
+    two = onnxprune.score(MODEL, _calib(), workers=2, **options)
+    assert one.values.keys() == two.values.keys()
+    for key, value in one.values.items():
+        np.testing.assert_allclose(two.values[key], value, rtol=1e-4, atol=1e-9,
+                                   err_msg=str(key))

@@ -237,7 +237,8 @@ def subjects(data: Path) -> dict[str, Subject]:
         "t5-base": Subject("t5-base encoder (12×768, seq 128, fp32)", t5_base, DATA_FREE,
                            IDS_MASK),
         "llama-1b": Subject("llama ~1.1B decoder (22×2048, KV cache, fp16)", llama_1b,
-                            DATA_FREE, _shape_args(llama_shapes)),
+                            DATA_FREE, _shape_args(llama_shapes),
+                            cut="attn0.kv1,ffn0.ch7"),   # grouped-query: a whole KV group
     }
 
 

@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.errors import OnnxpruneError, VerificationError
-from onnxprune.weightstore import absorb, tensor_array
+from onnxprune.weightstore import is_large, model_store, tensor_array
 
 Updates = Mapping[str, np.ndarray]
 
@@ -21,11 +21,14 @@ def apply_updates(model: onnx.ModelProto, updates: Updates) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
+    store = model_store(model)
     for name, value in updates.items():
         if name not in inits:
             raise OnnxpruneError(f"reconstruction updates unknown initializer {name!r}")
-        inits[name].CopyFrom(_tensor(inits[name], value))
-    absorb(out)   # a large model's new weights join its store
+        new = _tensor(inits[name], value)
+        if store is not None and is_large(new):
+            store.put(new)   # a large model's new weights join its store (as a stub)
+        inits[name].CopyFrom(new)
     return out
 
 

@@ -33,6 +33,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.scores.gradient import BatchSums, GradientPass, GradientStatistic, batch_sums
 from onnxprune.structure.discover import analyse
 from onnxprune.units import UnitKind, unit_kind
+from onnxprune.weightstore import materialised
 
 if TYPE_CHECKING:
     from onnxprune.losses import LossSpec
@@ -149,8 +150,10 @@ def score_shard(model: bytes, shapes: dict[str, tuple[int, ...]], spec: LossSpec
 
 
 def _model_bytes(analysis: Analysis) -> bytes:
+    """The model as workers load it: a weight store's stubs filled in (a worker may run on
+    another machine)."""
     try:
-        return analysis.model.SerializeToString()
+        return materialised(analysis.model).SerializeToString()
     except ValueError as exc:   # protobuf's 2 GB limit
         raise OnnxpruneError(f"--workers: the model cannot be sent to Ray workers ({exc}); "
                              "score models over 2 GB without --workers for now") from None

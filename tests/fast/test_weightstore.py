@@ -14,18 +14,19 @@ from onnx import helper, numpy_helper
 from onnxprune import modelio, weightstore
 from onnxprune.cli import main
 from onnxprune.errors import OnnxpruneError
+from onnxprune.reconstruct.updates import apply_updates
 from onnxprune.runtime import make_session, run
 
 REFERENCE = Path(__file__).resolve().parents[2] / "models" / "patchtst_etth1.onnx"
 CUT = ["--remove", "attn0.head1,attn1.head3,ffn0.ch3,ffn2.ch7"]
 
 
-def _mlp(seed: int = 0) -> onnx.ModelProto:
+def _mlp(seed: int = 0, hidden: int = 160) -> onnx.ModelProto:
     """x [2, 128] -> MatMul(128x160) -> Relu -> MatMul(160x128) + bias: two weights over
     the store's 64 KiB per tensor (80 KiB each) and a small bias."""
     rng = np.random.default_rng(seed)
-    w1 = rng.standard_normal((128, 160)).astype(np.float32)
-    w2 = rng.standard_normal((160, 128)).astype(np.float32)
+    w1 = rng.standard_normal((128, hidden)).astype(np.float32)
+    w2 = rng.standard_normal((hidden, 128)).astype(np.float32)
     bias = rng.standard_normal(128).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
              helper.make_node("Relu", ["h"], ["r"]),
@@ -77,19 +78,55 @@ def test_sessions_over_stubs_compute_what_the_inline_model_computes():
     store.close()
 
 
-def test_new_weights_join_the_store_and_are_written_inline_byte_for_byte(tmp_path):
+def test_refitted_weights_join_the_store_and_are_written_inline_byte_for_byte(tmp_path):
     model = _mlp()
     weightstore.offload(model, min_total=0)
-    extra = np.arange(128 * 160, dtype=np.float32).reshape(128, 160)
-    model.graph.initializer.append(numpy_helper.from_array(extra, "extra"))
-    weightstore.absorb(model)
-    added = model.graph.initializer[-1]
-    assert weightstore.store_of(added) is not None
-    np.testing.assert_array_equal(weightstore.tensor_array(added), extra)
-    modelio.save_model(model, tmp_path / "out.onnx")
-    plain = _mlp()
-    plain.graph.initializer.append(numpy_helper.from_array(extra, "extra"))
+    refit = np.arange(128 * 160, dtype=np.float32).reshape(128, 160) / 1000
+    updated = apply_updates(model, {"w1": refit})
+    w1 = next(t for t in updated.graph.initializer if t.name == "w1")
+    assert weightstore.store_of(w1) is not None                # a stub, not inline data
+    np.testing.assert_array_equal(weightstore.tensor_array(w1), refit)
+    modelio.save_model(updated, tmp_path / "out.onnx")
+    plain = apply_updates(_mlp(), {"w1": refit})
     assert (tmp_path / "out.onnx").read_bytes() == plain.SerializeToString()
+
+
+def test_half_precision_weights_are_fed_not_widened_per_session():
+    """float16 stubs are fed at every run (no float32 copy kept by the session) and give
+    what the inline float16 model gives."""
+    inline = _half(_mlp(hidden=320))     # 80 KiB of float16 per weight
+    x = {"x": np.random.default_rng(2).standard_normal((2, 128)).astype(np.float32)}
+    expected = run(make_session(inline), x)["y"]
+    stubbed = _half(_mlp(hidden=320))
+    weightstore.offload(stubbed, min_total=0)
+    session = make_session(stubbed)
+    assert set(session.fed_weights) == {"w1", "w2"}
+    assert {i.name for i in session.get_inputs()} == {"x", "w1", "w2"}
+    np.testing.assert_allclose(run(session, x)["y"], expected, rtol=1e-3, atol=1e-3)
+
+
+def _half(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The MLP with float16 weights and a Cast in front (float32 input and output)."""
+    for tensor in model.graph.initializer:
+        value = numpy_helper.to_array(tensor).astype(np.float16)
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    graph = model.graph
+    graph.node[0].input[0] = "x16"
+    graph.node[-1].output[0] = "y16"
+    graph.node.insert(0, helper.make_node("Cast", ["x"], ["x16"], to=onnx.TensorProto.FLOAT16))
+    graph.node.append(helper.make_node("Cast", ["y16"], ["y"], to=onnx.TensorProto.FLOAT))
+    return model
+
+
+def test_released_pages_read_back_the_same():
+    model = _mlp()
+    store = weightstore.offload(model, min_total=0)
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    view = weightstore.tensor_array(w2)
+    before = view.copy()
+    weightstore.release_pages()
+    np.testing.assert_array_equal(view, before)
+    store.close()
 
 
 def test_external_output_of_a_stubbed_model(tmp_path):
@@ -119,12 +156,12 @@ def test_load_into_store_checks_every_weight(tmp_path, share_all):
     values[3, 4] = np.nan
     bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(values, "w1"))
     onnx.save_model(bad, str(tmp_path / "nan.onnx"))
-    with pytest.raises(OnnxpruneError, match="'w1'.*NaN"):
+    with pytest.raises(OnnxpruneError, match=r"'w1'.*NaN"):
         modelio.load_model(tmp_path / "nan.onnx", share=True)
     values[3, 4] = np.inf
     bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(values, "w1"))
     onnx.save_model(bad, str(tmp_path / "inf.onnx"))
-    with pytest.raises(OnnxpruneError, match="'w1'.*inf"):
+    with pytest.raises(OnnxpruneError, match=r"'w1'.*inf"):
         modelio.load_model(tmp_path / "inf.onnx", share=True)
 
 
