@@ -148,11 +148,14 @@ class FuseWeightTransposes(Pass):
         dims = {t.name: len(t.dims) for t in graph.initializer}
         dims.update({i.name: len(i.type.tensor_type.shape.dim) for i in graph.input
                      if i.type.tensor_type.HasField("shape")})
+        types = {t.name: t.data_type for t in graph.initializer}
+        types.update({i.name: i.type.tensor_type.elem_type for i in graph.input})
         transposed = {n.output[0]: n.input[0] for n in graph.node
                       if n.op_type == "Transpose" and dims.get(n.input[0]) == 2
                       and [list(a.ints) for a in n.attribute if a.name == "perm"] in
                       ([], [[1, 0]])}
         changed = 0
+        nodes = []
         for node in graph.node:
             if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") \
                     and node.input[1] in transposed:
@@ -160,7 +163,14 @@ class FuseWeightTransposes(Pass):
                 node.input[1] = transposed[node.input[1]]
                 node.attribute.extend([onnx.helper.make_attribute("transB", 1),
                                        onnx.helper.make_attribute("alpha", 1.0)])
+                if types.get(node.input[1]) in _HALF_TYPES:
+                    nodes += _widened(node, types[node.input[1]], changed)
+                    changed += 1
+                    continue
                 changed += 1
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
         if changed:
             if not any(o.domain == "com.microsoft" for o in model.opset_import):
                 model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
@@ -169,6 +179,22 @@ class FuseWeightTransposes(Pass):
 
     def post(self, before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
         return [*outputs_changed(before, after), *unsorted_nodes(after)]
+
+
+def _widened(node: onnx.NodeProto, half: int, index: int) -> list[onnx.NodeProto]:
+    """A half-precision ``FusedMatMul`` computed in float32 between Casts of its own, as
+    ONNX Runtime's CPU provider computes it anyway: ONNX Runtime would widen the weight
+    once for this node and the forward MatMul together, and keep that float32 copy from the
+    forward pass to the backward one (every weight at once, twice the model)."""
+    wide = [f"{name}.wide{index}" for name in node.input[:2]]
+    out = node.output[0]
+    casts = [onnx.helper.make_node("Cast", [name], [w], name=w, to=onnx.TensorProto.FLOAT)
+             for name, w in zip(node.input[:2], wide)]
+    node.input[0], node.input[1] = wide
+    node.output[0] = f"{out}.wide{index}"
+    back = onnx.helper.make_node("Cast", [node.output[0]], [out], name=f"{out}.narrow{index}",
+                                 to=half)
+    return [*casts, node, back]
 
 
 # operands onnx-ad needs as constants, by op: input positions

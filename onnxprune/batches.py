@@ -30,7 +30,7 @@ from onnxprune.losses import (
     target_feeds,
     target_name,
 )
-from onnxprune.runtime import make_session, run, with_outputs
+from onnxprune.runtime import make_session, run_in_parts, with_outputs
 from onnxprune.weightstore import model_store
 
 Feeds = dict[str, np.ndarray]
@@ -47,9 +47,11 @@ class LossBatches:
 
     def __init__(self, model: onnx.ModelProto, calib: CalibrationData, spec: LossSpec,
                  batch_size: int, threads: int, seed: int = 0,
-                 probes: Mapping[str, int] | None = None, progress: Progress | None = None):
+                 probes: Mapping[str, int] | None = None, progress: Progress | None = None,
+                 part: int | None = None):
         self.spec = spec
         self.seed = seed
+        self.part = part   # forward passes run this many samples at a time (None: a batch)
         # maps the calibration inputs to the inputs of the model now scored and evaluated
         # (after a cut that shrank a key/value cache input: that input with the removed
         # heads' entries deleted); None while they fit the model as they are
@@ -67,7 +69,7 @@ class LossBatches:
         for n, (inputs, targets) in enumerate(chunks):
             if progress:
                 progress("baseline", n, len(chunks))
-            values = run(session, inputs, outputs + list(probes))
+            values = run_in_parts(session, inputs, part, outputs + list(probes))
             out = {n: values[n] for n in outputs}
             _check_finite(out)
             self.batches.append((inputs, target_feeds(spec, targets, out)))
@@ -100,7 +102,7 @@ class LossBatches:
         for n, (inputs, _) in enumerate(batches):
             if progress:
                 progress("evaluate", n, len(batches))
-            outputs.append(run(session, inputs))
+            outputs.append(run_in_parts(session, inputs, self.part))
         if progress:
             progress("evaluate", len(batches), len(batches))
         return self._measure(outputs)

@@ -40,6 +40,7 @@ from onnxprune.scores import (
     compute_scores,
     resolve_score,
 )
+from onnxprune.scores.gradient import micro_batch
 from onnxprune.shapes import analysis_shapes, fit_static, input_specs
 from onnxprune.smoothing import StepSmoother
 from onnxprune.structure.blocks import Block
@@ -48,6 +49,7 @@ from onnxprune.surgery import cut_verified
 from onnxprune.unit_names import OriginalNames
 from onnxprune.units import Plan, Unit, UnitKind, kinds_of, make_plan
 from onnxprune.verify import Verification, cache_cuts, check_tolerance
+from onnxprune.weightstore import model_store
 
 Progress = Callable[[str, int, int], None]
 
@@ -323,6 +325,7 @@ def run_prune(model: onnx.ModelProto, calib: CalibrationData, opts: PruneOptions
     data = LossBatches(model, calib, spec, opts.batch_size, opts.threads, opts.seed,
                        probes=dict(block_outputs(first).values())
                        if refits and calib.n_samples > opts.batch_size else None,
+                       part=micro_batch(first) if model_store(model) is not None else None,
                        progress=progress)
     loss_before, quality_before = data.evaluate_original()
     since = stage_done(progress, "baseline", since)

@@ -153,6 +153,20 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
     return dict(zip(names, values))
 
 
+def run_in_parts(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
+                 part: int | None, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``run`` over ``part`` samples at a time, outputs joined along the batch axis (a
+    large model's activations on a whole calibration batch would pass its weights); one
+    run when ``part`` is None, the batch fits, or an input does not lead with the batch."""
+    sizes = {len(v) if np.ndim(v) else -1 for v in feeds.values()}
+    if not part or len(sizes) != 1 or max(sizes) <= part:
+        return run(session, feeds, outputs)
+    batch = sizes.pop()
+    pieces = [run(session, {k: v[i:i + part] for k, v in feeds.items()}, outputs)
+              for i in range(0, batch, part)]
+    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
 def with_outputs(model: onnx.ModelProto, outputs: Mapping[str, int]) -> onnx.ModelProto:
     """A copy that also returns the tensors ``outputs`` (name -> element type)."""
     out = onnx.ModelProto()

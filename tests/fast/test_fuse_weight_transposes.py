@@ -58,3 +58,23 @@ def test_other_transposes_are_left_alone():
     model = _graph(False)
     model.graph.node[0].attribute[0].ints[:] = [0, 1]          # not a transpose of W
     assert FuseWeightTransposes().run(model) == 0
+
+
+def test_a_half_weight_is_widened_by_casts_of_its_own():
+    """float16: the fused node computes in float32 between its own Casts, so that ONNX
+    Runtime does not share one float32 copy of W between the forward and backward pass."""
+    model = _graph(True)
+    for value_info in (*model.graph.input, *model.graph.output):
+        value_info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    v = model.graph.initializer[0]
+    v.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(v).astype(np.float16), "v"))
+    g = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float16)
+    w = np.random.default_rng(4).standard_normal((6, 4)).astype(np.float16)
+    expected = run(make_session(model), {"g": g, "w": w})["z"]
+    assert FuseWeightTransposes().run(model) == 1
+    fused = next(n for n in model.graph.node if n.op_type == "FusedMatMul")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert [producers[i].op_type for i in fused.input] == ["Cast", "Cast"]
+    assert producers[fused.input[1]].input[0] == "w"
+    np.testing.assert_allclose(run(make_session(model), {"g": g, "w": w})["z"].astype(
+        np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2)

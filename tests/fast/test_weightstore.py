@@ -15,7 +15,7 @@ from onnxprune import modelio, weightstore
 from onnxprune.cli import main
 from onnxprune.errors import OnnxpruneError
 from onnxprune.reconstruct.updates import apply_updates
-from onnxprune.runtime import make_session, run
+from onnxprune.runtime import make_session, run, run_in_parts
 
 REFERENCE = Path(__file__).resolve().parents[2] / "models" / "patchtst_etth1.onnx"
 CUT = ["--remove", "attn0.head1,attn1.head3,ffn0.ch3,ffn2.ch7"]
@@ -199,3 +199,15 @@ def _renamed(path: Path) -> bytes:
             if entry.key == "location":
                 entry.value = "side"
     return model.SerializeToString()
+
+
+def test_a_batch_run_in_parts_gives_the_whole_batch_run():
+    model = _mlp()
+    for value_info in (*model.graph.input, *model.graph.output):
+        value_info.type.tensor_type.shape.dim[0].dim_param = "batch"
+    session = make_session(model)
+    x = {"x": np.random.default_rng(5).standard_normal((2, 128)).astype(np.float32)}
+    whole = run(session, x)["y"]
+    np.testing.assert_allclose(run_in_parts(session, x, 1)["y"], whole, rtol=1e-6,
+                               atol=1e-6)
+    assert run_in_parts(session, x, None)["y"].shape == (2, 128)
