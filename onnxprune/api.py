@@ -43,6 +43,7 @@ from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
 from onnxprune.units import Plan, Unit, make_plan, parse_units, unit_kind
 from onnxprune.verify import Verification, check_tolerance
+from onnxprune.weightstore import materialised
 
 # bench, evaluate, finetune and measure live in their stage modules; the CLI reaches them here
 __all__ = ["CutResult", "bench", "changed_weights", "cut", "evaluate", "finetune", "gate",
@@ -81,10 +82,11 @@ def inspect(model: ModelLike, shapes: Shapes = None) -> Analysis:
 
 def cut(model: ModelLike, units: Iterable[str | Unit], shapes: Shapes = None,
         analysis: Analysis | None = None, *, rtol: float | None = None,
-        atol: float | None = None) -> CutResult:
+        atol: float | None = None, stored: bool = False) -> CutResult:
     """Remove the units (names such as "attn0.head1", or typed units); the result is
     verified exact against the gated original, to ``rtol``/``atol`` (default: the
-    tolerance of the model's dtype, :func:`onnxprune.verify.tolerance`)."""
+    tolerance of the model's dtype, :func:`onnxprune.verify.tolerance`). ``stored``: see
+    :func:`prune`."""
     check_tolerance(rtol, atol)
     analysis = analysis or inspect(model, shapes)
     chosen = list(units)
@@ -98,7 +100,13 @@ def cut(model: ModelLike, units: Iterable[str | Unit], shapes: Shapes = None,
     params, flops = measure(pruned, fit_static(input_specs(pruned),
                                                analysis.structure.input_shapes))
     s = analysis.structure
-    return CutResult(pruned, plan, check, s.params, params, s.flops, flops)
+    return CutResult(_returned(pruned, stored), plan, check, s.params, params, s.flops, flops)
+
+
+def _returned(model: onnx.ModelProto, stored: bool) -> onnx.ModelProto:
+    """A run's result as the caller gets it: self-contained (a weight store's stubs filled
+    in) unless ``stored``."""
+    return model if stored else materialised(model)
 
 
 def gate(model: ModelLike, kinds: Iterable[str] | None = None, shapes: Shapes = None
@@ -114,13 +122,15 @@ def prune(model: ModelLike, ratio: float | None = None,
           method: str | ImportanceScore = "fisher", granularity: str = "auto",
           samples: int | None = None, progress=None, keep: Iterable[str] = (),
           rtol: float | None = None, atol: float | None = None,
-          **options) -> tuple[onnx.ModelProto, Report]:
+          stored: bool = False, **options) -> tuple[onnx.ModelProto, Report]:
     """Score, plan, cut and verify: remove ``ratio`` of the prunable parameters (or FLOPs
     with ``target="flops"``); with ``target="latency"`` give ``speedup=S`` or
     ``latency_ms=M`` instead of ``ratio`` (measured in ONNX Runtime, see
     :mod:`onnxprune.latency`). ``keep``: blocks ("attn0", "ffn5") never cut; ``rtol``,
     ``atol``: the verification tolerance (default: the model dtype's). Other options: see
-    :class:`onnxprune.pipeline.PruneOptions`."""
+    :class:`onnxprune.pipeline.PruneOptions`. ``stored``: a large model's result may keep
+    referring to the run's weight store (write it with :func:`onnxprune.modelio.save_model`
+    before the process ends) instead of being returned whole."""
     opts = PruneOptions(ratio, method, granularity, keep=tuple(keep), rtol=rtol, atol=atol,
                         **options)
     opts.check()
@@ -130,8 +140,10 @@ def prune(model: ModelLike, ratio: float | None = None,
     opts.shapes = complete_shapes(input_specs(model), opts.shapes)
     data = load_or_synthesise(model, calib, samples, opts.seed, opts.shapes)
     if opts.target == "latency":   # --- latency target hook (issue 14.5) ---
-        return prune_for_latency(model, data, opts, progress)
-    return run_prune(model, data, opts, progress)
+        pruned, report = prune_for_latency(model, data, opts, progress)
+    else:
+        pruned, report = run_prune(model, data, opts, progress)
+    return _returned(pruned, stored), report
 
 
 def prune_while_finetuning(model: ModelLike, ratio: float,

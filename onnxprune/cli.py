@@ -144,7 +144,7 @@ def cmd_cut(args: argparse.Namespace) -> int:
     files.check()
     units = [u for part in args.remove for u in part.split(",") if u.strip()]
     result = api.cut(load_model(args.input, share=True), units, _shapes(args), rtol=args.rtol,
-                     atol=args.atol)
+                     atol=args.atol, stored=True)
     save_model(result.model, args.output, external=Path(args.input) in files.external)
     print(f"removed {len(result.plan.units)} unit(s) from "
           f"{', '.join(n for n, c in result.plan.cuts.items() if not c.empty)}")
@@ -182,7 +182,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         pruned, report, interleaved = _prune_during(args, common)
     else:
         pruned, report = api.prune(args.input, args.ratio, args.calib,
-                                   reconstruct=args.reconstruct, **common,
+                                   reconstruct=args.reconstruct, stored=True, **common,
                                    **_latency_options(args))
     print(prune_summary(report))
     if report.latency:

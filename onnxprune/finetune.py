@@ -31,6 +31,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, choose_loss, target_feeds, with_loss
 from onnxprune.modelio import load_model
 from onnxprune.runtime import make_session, run, trace
+from onnxprune.weightstore import tensor_array
 
 TRAINABLE = ("all", "norms", "blocks")
 Progress = Callable[[str, int, int], None] | None
@@ -144,7 +145,7 @@ class Trainer:
     def __init__(self, model: onnx.ModelProto, spec: LossSpec, names: list[str],
                  threads: int, example: dict[str, np.ndarray], batch: int):
         self.spec = spec
-        self.weights = {t.name: numpy_helper.to_array(t).astype(np.float32)
+        self.weights = {t.name: tensor_array(t).astype(np.float32)
                         for t in model.graph.initializer if t.name in set(names)}
         work = onnx.ModelProto()
         work.CopyFrom(model)
@@ -353,7 +354,7 @@ def with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx
     out.CopyFrom(model)
     for init in out.graph.initializer:
         if init.name in weights:
-            value = weights[init.name].astype(numpy_helper.to_array(init).dtype)
+            value = weights[init.name].astype(tensor_array(init).dtype)
             init.CopyFrom(numpy_helper.from_array(value, init.name))
     return out
 
