@@ -54,17 +54,7 @@ def load_model(path: str | os.PathLike, share: bool = False) -> onnx.ModelProto:
         raise OnnxpruneError(f"{path}: file is empty")
     if share and _stored_bytes(path) >= STORE_MIN_BYTES:
         return _load_into_store(path)
-    try:
-        model = onnx.load(str(path), load_external_data=True)
-    except onnx.checker.ValidationError as exc:   # external data onnx refuses to read
-        raise OnnxpruneError(_external_data_error(path, exc)) from exc
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise OnnxpruneError(f"{path}: not a valid ONNX file (truncated or corrupt: {exc})"
-                             ) from exc
-    except FileNotFoundError as exc:
-        raise OnnxpruneError(f"{path}: external weight file missing: {exc.filename}") from exc
-    except OSError as exc:
-        raise OnnxpruneError(f"{path}: cannot read: {exc}") from exc
+    model = _read(path, lambda: onnx.load(str(path), load_external_data=True))
     if not model.graph.node:
         raise OnnxpruneError(f"{path}: not an ONNX model (no graph nodes)")
     check_model(model, path)

@@ -211,3 +211,14 @@ def test_a_batch_run_in_parts_gives_the_whole_batch_run():
     np.testing.assert_allclose(run_in_parts(session, x, 1)["y"], whole, rtol=1e-6,
                                atol=1e-6)
     assert run_in_parts(session, x, None)["y"].shape == (2, 128)
+
+
+def test_a_truncated_large_file_is_one_line_and_leaves_no_store(tmp_path, share_all):
+    whole = _mlp().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(whole[: len(whole) // 2])
+    before = set(weightstore._STORES)
+    with pytest.raises(OnnxpruneError, match="cut.onnx") as caught:
+        modelio.load_model(path, share=True)
+    assert "\n" not in str(caught.value)
+    assert set(weightstore._STORES) == before          # the half-filled store is removed
