@@ -146,6 +146,9 @@ def _export(model, args: tuple, names: list[str], outputs: list[str], path: Path
         import onnx
 
         model_proto = onnx.load(str(path))
+        # onnx appends to an existing side file: a model built again in a --keep folder
+        # would otherwise carry the first build's weights as dead bytes
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
         onnx.save_model(model_proto, str(path), save_as_external_data=True,
                         location=f"{path.name}.data")
     return path

@@ -218,7 +218,7 @@ def test_a_truncated_large_file_is_one_line_and_leaves_no_store(tmp_path, share_
     path = tmp_path / "cut.onnx"
     path.write_bytes(whole[: len(whole) // 2])
     before = set(weightstore._STORES)
-    with pytest.raises(OnnxpruneError, match="cut.onnx") as caught:
+    with pytest.raises(OnnxpruneError, match=r"cut\.onnx") as caught:
         modelio.load_model(path, share=True)
     assert "\n" not in str(caught.value)
     assert set(weightstore._STORES) == before          # the half-filled store is removed
