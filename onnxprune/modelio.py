@@ -22,7 +22,6 @@ from onnxprune.outputs import (
 from onnxprune.protostream import load_stubbed, save_filled
 from onnxprune.weightstore import (
     STORE_MIN_BYTES,
-    TENSOR_MIN_BYTES,
     WeightStore,
     filled,
     full_size,
@@ -95,7 +94,7 @@ def _load_into_store(path: Path) -> onnx.ModelProto:
                           load_external_data_for_tensor(t, str(path.parent)))
                 tensor.CopyFrom(take(alone))
         else:
-            model = _read(path, lambda: load_stubbed(path, take, TENSOR_MIN_BYTES))
+            model = _read(path, lambda: load_stubbed(path, take, 1024))   # take() chooses
         if not model.graph.node:
             raise OnnxpruneError(f"{path}: not an ONNX model (no graph nodes)")
         check_model(model, path)

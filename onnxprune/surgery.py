@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxprune import weightstore
 from onnxprune.errors import NotPrunableError
 from onnxprune.ops import require_rule
 from onnxprune.ops.skip_layernorm import is_skip_layernorm, zero_summand
@@ -31,7 +32,7 @@ from onnxprune.structure.graph import fresh_name
 from onnxprune.units import LabelRoles, Plan, block_roles
 from onnxprune.units.removal import new_shape
 from onnxprune.verify import Verification, verify
-from onnxprune.weightstore import TENSOR_MIN_BYTES, WeightStore, model_store
+from onnxprune.weightstore import WeightStore, model_store
 
 
 class BlockSurgeon:
@@ -264,7 +265,7 @@ def _store_new_weights(graph: gs.Graph, store: WeightStore | None) -> None:
         return
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, LazyValues) \
-                and tensor.values.nbytes >= TENSOR_MIN_BYTES:
+                and tensor.values.nbytes >= weightstore.TENSOR_MIN_BYTES:
             proto = numpy_helper.from_array(np.ascontiguousarray(tensor.values), tensor.name)
             store.put(proto)
             tensor._values = LazyValues(proto)

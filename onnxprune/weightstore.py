@@ -177,13 +177,14 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 # -- models ------------------------------------------------------------------------------
 
-def is_large(tensor: onnx.TensorProto, least: int = TENSOR_MIN_BYTES) -> bool:
+def is_large(tensor: onnx.TensorProto, least: int | None = None) -> bool:
     """Whether ``tensor`` is an inline tensor of ``least`` bytes or more (one a store
     takes)."""
     if tensor.data_type == onnx.TensorProto.STRING or store_of(tensor) is not None \
             or tensor.data_location == onnx.TensorProto.EXTERNAL:
         return False
     size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    least = TENSOR_MIN_BYTES if least is None else least
     return size * int(np.prod(tensor.dims, dtype=np.int64)) >= least
 
 

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxprune import batches, modelio
+from onnxprune import batches, modelio, weightstore
 from onnxprune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +40,15 @@ def test_the_main_job_through_the_store_matches_the_one_in_memory(tmp_path, monk
 
     monkeypatch.setattr(batches, "SpilledFeeds", Counted)
     monkeypatch.setattr(modelio, "STORE_MIN_BYTES", 0)
+    monkeypatch.setattr(weightstore, "TENSOR_MIN_BYTES", 4096)   # the cut's weights too
     stored, stored_out = _prune(tmp_path, "stored")
     assert Counted.made == 4, "the calibration pass's block outputs were not spilled"
     assert stored["removed"] == plain["removed"]
     assert stored["verified"]["max_abs_diff"] < 1e-5
-    assert stored["reconstruction"]["blocks"] and plain["reconstruction"]["blocks"]
+    fits = [[(b["block"], b["applied"]) for b in r["reconstruction"]["blocks"]]
+            for r in (plain, stored)]
+    assert fits[0] == fits[1]                      # the same blocks re-fitted, the same way
+    assert any(applied not in ("none", "skipped") for _, applied in fits[1])
     assert stored["calibration_loss"]["after"] == pytest.approx(
         plain["calibration_loss"]["after"], rel=1e-4)
     a, b = (onnx.load(str(p)) for p in (plain_out, stored_out))

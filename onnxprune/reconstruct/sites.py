@@ -18,6 +18,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
 from onnxprune.units import kinds_of
+from onnxprune.weightstore import store_of
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _form_refusal(node: onnx.NodeProto, graph: _Graph) -> str:
     if weight not in graph.inits:
         return f"weight of {node.name} is not an initializer"
     init = graph.inits[weight]
-    if init.data_location == onnx.TensorProto.EXTERNAL:
+    if init.data_location == onnx.TensorProto.EXTERNAL and store_of(init) is None:
         return f"weight {weight!r} is in external data that was not loaded"
     if len(init.dims) != 2:
         return f"weight {weight!r} is not a matrix"
