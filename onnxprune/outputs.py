@@ -16,6 +16,7 @@ report never names a model that is not there. ``sigterm_as_interrupt`` turns SIG
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import signal
@@ -44,6 +45,17 @@ PLOT_WRITES = {"plot"}
 def external_data_paths(model_path: str | os.PathLike) -> list[Path]:
     """The external-data files an ONNX file refers to, read without loading any data; an
     unreadable file gives none (loading it reports why)."""
+    try:
+        stat = os.stat(model_path)
+    except OSError:
+        return []
+    return list(_external_data_paths(str(model_path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _external_data_paths(model_path: str, mtime_ns: int, size: int) -> tuple[Path, ...]:
+    """``external_data_paths`` of one version of a file (a run asks several times, and a
+    large model takes a second to read)."""
     import onnx
 
     from onnxprune.protostream import load_stubbed
@@ -54,14 +66,14 @@ def external_data_paths(model_path: str | os.PathLike) -> list[Path]:
     try:   # large inline tensors are read one at a time and dropped
         model = load_stubbed(model_path, without_data, 1 << 16)
     except Exception:  # load_model gives the one-line error later
-        return []
+        return ()
     folder = Path(model_path).parent
     found: dict[str, None] = {}
     for tensor in _tensors(model.graph):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value:
                 found[entry.value] = None
-    return [folder / location for location in found]
+    return tuple(folder / location for location in found)
 
 
 def _tensors(graph) -> Iterator:
