@@ -61,7 +61,9 @@ def reconstruct(original: Analysis, cut: Analysis, model: onnx.ModelProto, data:
     batches = data()
     report.held_out = held_out_batches(len(batches))
     if not projections or not report.held_out:
-        report.note = ("no block was cut by heads or channels" if not projections else
+        report.note = ("every pruned block's projection was skipped (reasons per block)"
+                       if not projections and skipped else
+                       "no block was cut by heads or channels" if not projections else
                        "one calibration batch leaves no held-out slice: use more samples "
                        "or a smaller batch size")
         report.seconds = time.perf_counter() - start

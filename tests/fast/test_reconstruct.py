@@ -207,3 +207,19 @@ def test_the_calibration_pass_keeps_the_original_block_outputs():
             np.testing.assert_allclose(kept[name], value, rtol=1e-6, atol=1e-6)
     loss, quality = batches.evaluate_original()
     assert (loss, quality) == batches.evaluate(model)
+
+
+def test_a_run_whose_every_projection_is_refused_says_so(monkeypatch):
+    """Blocks cut by units whose projections cannot be re-fitted (each with its reason)
+    are not "no block cut by heads or channels"."""
+    from onnxprune.reconstruct import stage
+    from onnxprune.reconstruct.sites import Skipped
+
+    monkeypatch.setattr(stage, "find_projections",
+                        lambda original, cut: ([], [Skipped("ffn1", "weight is shared")]))
+    _, report = onnxprune.prune(attention_then_ffn(32), 0.5, method="magnitude",
+                                samples=64, batch_size=8, granularity="ffn")
+    rec = report.reconstruction
+    assert rec.note == "every pruned block's projection was skipped (reasons per block)"
+    assert [(b.block, b.applied, b.reason) for b in rec.blocks] == \
+        [("ffn1", "skipped", "weight is shared")]
