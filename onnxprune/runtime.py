@@ -142,7 +142,7 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
     fed = getattr(session, "fed_weights", None)
     try:
         if fed:
-            given = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+            given = {k: ort.OrtValue.ortvalue_from_numpy(np.asarray(v, order="C"))
                      for k, v in feeds.items()}
             values = [v.numpy() for v in session.run_with_ort_values(names,
                                                                      {**given, **fed})]

@@ -222,3 +222,21 @@ def test_a_truncated_large_file_is_one_line_and_leaves_no_store(tmp_path, share_
         modelio.load_model(path, share=True)
     assert "\n" not in str(caught.value)
     assert set(weightstore._STORES) == before          # the half-filled store is removed
+
+
+def test_a_scalar_feed_keeps_its_rank_beside_fed_half_weights():
+    """Fed half-precision weights make ``run`` pass every input as an OrtValue; a rank-0
+    input (a frontier value in reconstruction's segments: a Gather of a shape) stays rank 0
+    (it became rank 1 and broke a Concat in a float16 Electra)."""
+    model = _half(_mlp(hidden=320))
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("k", onnx.TensorProto.FLOAT, []))
+    graph.node[-1].output[0] = "unscaled"
+    graph.node.append(helper.make_node("Mul", ["unscaled", "k"], ["y"]))
+    weightstore.offload(model, min_total=0)
+    session = make_session(model)
+    assert session.fed_weights
+    x = np.ones((2, 128), np.float32)
+    one, two = (run(session, {"x": x, "k": np.array(k, np.float32)})["y"] for k in (1, 2))
+    assert one.shape == (2, 128)
+    np.testing.assert_allclose(two, 2 * one, rtol=1e-6)
