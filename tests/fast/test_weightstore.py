@@ -233,10 +233,13 @@ def test_a_scalar_feed_keeps_its_rank_beside_fed_half_weights():
     graph.input.append(helper.make_tensor_value_info("k", onnx.TensorProto.FLOAT, []))
     graph.node[-1].output[0] = "unscaled"
     graph.node.append(helper.make_node("Mul", ["unscaled", "k"], ["y"]))
+    graph.node.append(helper.make_node("Shape", ["k"], ["k_shape"]))
+    graph.output.append(helper.make_tensor_value_info("k_shape", onnx.TensorProto.INT64,
+                                                      None))
     weightstore.offload(model, min_total=0)
     session = make_session(model)
     assert session.fed_weights
     x = np.ones((2, 128), np.float32)
-    one, two = (run(session, {"x": x, "k": np.array(k, np.float32)})["y"] for k in (1, 2))
-    assert one.shape == (2, 128)
-    np.testing.assert_allclose(two, 2 * one, rtol=1e-6)
+    one, two = (run(session, {"x": x, "k": np.array(k, np.float32)}) for k in (1, 2))
+    assert list(one["k_shape"]) == []                   # rank 0, as fed
+    np.testing.assert_allclose(two["y"], 2 * one["y"], rtol=1e-6)
