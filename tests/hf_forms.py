@@ -69,16 +69,16 @@ def _distilbert(impl: str) -> nn.Module:
     return OneInOneOut(DistilBertModel(cfg), "input_ids", "last_hidden_state")
 
 
+# what the ViT and Dinov2 forms share: 16×16 RGB images in 4×4 patches, the small encoder
+_SMALL_IMAGE_ENCODER = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=D,
+                            num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+
+
 def _vit(impl: str) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
     cfg = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=D,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+        **_SMALL_IMAGE_ENCODER,
         intermediate_size=FF,
         num_labels=5,
         attn_implementation=impl,
@@ -90,12 +90,7 @@ def _dinov2(impl: str) -> nn.Module:
     from transformers import Dinov2Config, Dinov2Model
 
     cfg = Dinov2Config(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=D,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+        **_SMALL_IMAGE_ENCODER,
         mlp_ratio=FF // D,
         layerscale_value=0.5,
         attn_implementation=impl,
