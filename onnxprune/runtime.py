@@ -121,18 +121,34 @@ def _share_weights(model: onnx.ModelProto, opts: ort.SessionOptions
             shared.append(value)
             opts.add_initializer(name, value)
     if half:
-        model = _weights_as_inputs(model, half)
+        model = _copy(model)
+        initializers_to_inputs(model, half)
     return model, shared, fed
 
 
-def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    kept = [t for t in out.graph.initializer if t.name not in names]
-    out.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                           for t in out.graph.initializer if t.name in names)
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
+    return out
+
+
+def initializers_to_inputs(model: onnx.ModelProto, names: set[str]
+                           ) -> dict[str, onnx.TensorProto]:
+    """The initializers ``names`` become graph inputs of their type and dims (in place);
+    the initializers taken out, by name."""
+    taken = {t.name: t for t in model.graph.initializer if t.name in names}
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in taken.values())
+    taken = {name: _tensor_copy(t) for name, t in taken.items()}
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return taken
+
+
+def _tensor_copy(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    out = onnx.TensorProto()
+    out.CopyFrom(tensor)
     return out
 
 

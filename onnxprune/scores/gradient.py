@@ -27,7 +27,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from onnxprune.autodiff import (
     NoGradientError,
@@ -38,7 +37,7 @@ from onnxprune.autodiff import (
 from onnxprune.errors import OnnxpruneError
 from onnxprune.gates import Gate, gate_model
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, with_loss
-from onnxprune.runtime import make_session, run
+from onnxprune.runtime import initializers_to_inputs, make_session, run
 from onnxprune.scores.ablation import Ablation
 from onnxprune.scores.activations import Stat
 from onnxprune.scores.base import (
@@ -154,21 +153,11 @@ def lift_weights(model: onnx.ModelProto, least: int | None = None
     weight-store stub, become graph inputs (in place); the initializers, by name. Small ones
     and integer ones (shapes, pads, indices) stay: shape inference and onnx-ad read them."""
     least = LIFT_BYTES if least is None else least
-    lifted: dict[str, onnx.TensorProto] = {}
-    inits = model.graph.initializer
-    for i in reversed(range(len(inits))):
-        tensor = inits[i]
-        stub = store_of(tensor) is not None
-        if not stub and (tensor.data_location == onnx.TensorProto.EXTERNAL
-                         or len(tensor.raw_data) < least
-                         or tensor.data_type not in _WEIGHT_TYPES):   # shape operands
-            continue
-        lifted[tensor.name] = onnx.TensorProto()
-        lifted[tensor.name].CopyFrom(tensor)
-        model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type,
-                                                               list(tensor.dims)))
-        del inits[i]
-    return lifted
+    return initializers_to_inputs(model, {
+        t.name for t in model.graph.initializer
+        if store_of(t) is not None or (t.data_location != onnx.TensorProto.EXTERNAL
+                                       and len(t.raw_data) >= least
+                                       and t.data_type in _WEIGHT_TYPES)})  # not shapes
 
 
 _WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
