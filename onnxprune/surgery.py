@@ -17,7 +17,6 @@ from math import gcd
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune import weightstore
@@ -266,9 +265,7 @@ def _store_new_weights(graph: gs.Graph, store: WeightStore | None) -> None:
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, LazyValues) \
                 and tensor.values.nbytes >= weightstore.TENSOR_MIN_BYTES:
-            proto = numpy_helper.from_array(np.ascontiguousarray(tensor.values), tensor.name)
-            store.put(proto)
-            tensor._values = LazyValues(proto)
+            tensor._values = LazyValues(store.put_array(tensor.name, tensor.values))
 
 
 def _keep_model_metadata(model: onnx.ModelProto, original: onnx.ModelProto) -> None:

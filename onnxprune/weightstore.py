@@ -67,6 +67,20 @@ class WeightStore:
         """Move ``tensor``'s data into the file; ``tensor`` becomes a stub (in place)."""
         data = tensor.raw_data if tensor.HasField("raw_data") else \
             numpy_helper.to_array(tensor).tobytes()
+        make_stub(tensor, self.location, *self._write(data))
+
+    def put_array(self, name: str, value: np.ndarray) -> onnx.TensorProto:
+        """A stub named ``name`` of ``value``, written straight from the array: a tensor
+        built first with ``numpy_helper.from_array`` would keep its bytes in the
+        protobuf's arena for as long as the stub lives, even once they are cleared."""
+        value = np.ascontiguousarray(value)
+        tensor = onnx.TensorProto(name=name, dims=value.shape,
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
+        make_stub(tensor, self.location, *self._write(memoryview(value).cast("B")))
+        return tensor
+
+    def _write(self, data: bytes | memoryview) -> tuple[int, int]:
+        """Append ``data`` (aligned); its offset and length."""
         offset = -(-self.size // _ALIGN) * _ALIGN
         try:
             if offset + len(data) > self.capacity:
@@ -79,7 +93,7 @@ class WeightStore:
                                  f"({exc.strerror or exc}); set TMPDIR to a folder with "
                                  f"room for the model") from exc
         self.size = offset + len(data)
-        make_stub(tensor, self.location, offset, len(data))
+        return offset, len(data)
 
     def reserve(self, capacity: int) -> None:
         """Make the file ``capacity`` bytes long (sparse: no disk used until written), so
@@ -127,6 +141,10 @@ class WeightStore:
 def _remove(location: str, folder: Path) -> None:
     _STORES.pop(location, None)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def live_stores() -> list[WeightStore]:
+    return list(_STORES.values())
 
 
 def release_pages() -> None:

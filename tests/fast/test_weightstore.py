@@ -245,3 +245,18 @@ def test_a_scalar_feed_keeps_its_rank_beside_fed_half_weights():
     one, two = (run(session, {"x": x, "k": np.array(k, np.float32)}) for k in (1, 2))
     assert list(one["k_shape"]) == []                   # rank 0, as fed
     np.testing.assert_allclose(two["y"], 2 * one["y"], rtol=1e-6)
+
+
+def test_an_array_put_as_a_stub_reads_back_and_is_saved_like_a_put_tensor(tmp_path):
+    value = np.random.default_rng(3).standard_normal((96, 200)).astype(np.float16)
+    store = weightstore.WeightStore(tmp_path)
+    try:
+        stub = store.put_array("w", value)
+        put = numpy_helper.from_array(value, "w")
+        store.put(put)
+        assert weightstore.store_of(stub) is store and stub.dims == put.dims
+        assert stub.data_type == put.data_type == onnx.TensorProto.FLOAT16
+        np.testing.assert_array_equal(weightstore.tensor_array(stub), value)
+        assert weightstore.filled(stub).raw_data == weightstore.filled(put).raw_data
+    finally:
+        store.close()
