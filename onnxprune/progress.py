@@ -4,8 +4,6 @@ every ``heartbeat`` seconds so the log shows life. ``quiet`` silences all of it.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import sys
 import threading
 import time
@@ -13,7 +11,7 @@ import weakref
 from collections.abc import Callable
 from typing import ClassVar
 
-from onnxprune.weightstore import release_pages
+from onnxprune.memory import release_memory
 
 Progress = Callable[[str, int, int], None]
 
@@ -99,31 +97,5 @@ def stage_done(progress: Progress | None, name: str, since: float) -> float:
     report = getattr(progress, "stage", None)
     if report is not None:
         report(name, now - since)
-    trim_heap()
+    release_memory()
     return time.perf_counter()
-
-def trim_heap() -> None:
-    """Return freed heap pages to the system (glibc keeps them: on a BERT-base main job
-    ~4 GB after scoring). Only for a process past ``TRIM_ABOVE`` resident bytes (the call
-    walks the heap); a no-op where there is no glibc or no /proc."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM and _resident_bytes() > TRIM_ABOVE:
-        _TRIM(0)
-    release_pages()
-
-
-def _resident_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-TRIM_ABOVE = 1 << 30
-_TRIM = None

@@ -20,6 +20,7 @@ import onnx
 from onnxprune.errors import OnnxpruneError, VerificationError
 from onnxprune.gates import gate_model
 from onnxprune.input_roles import input_roles
+from onnxprune.memory import release_memory
 from onnxprune.runtime import make_session, run, synthetic_feeds
 from onnxprune.shapes import input_specs, verification_shapes
 from onnxprune.structure.discover import Analysis
@@ -140,6 +141,7 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     check_model(cut, "the cut model")
+    release_memory()   # what building the cut left, before the original runs
     gated = gate_model(analysis, blocks=list(plan.cuts))
     feeds, reference = _reference_run(analysis, gated, plan, seed)
     _check_finite_reference(analysis.model, reference)
@@ -148,6 +150,7 @@ def verify(analysis: Analysis, plan: Plan, cut: onnx.ModelProto, *, seed: int = 
                  for name, value in feeds.items()}
     reference = {name: caches[name](value) if name in caches else value
                  for name, value in reference.items()}
+    release_memory()   # the original's weights, before the cut's are read
     try:
         got = run(make_session(cut), cut_feeds)
     except Exception as exc:

@@ -22,10 +22,10 @@ FAST = Path(__file__).resolve().parent
 # low to high; "pkg.*" is a whole subpackage, "pkg.__init__" only its __init__.py
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["errors", "progress", "callable_module", "outputs", "schemas.*",
-              "weightstore", "protostream"]),
+              "weightstore", "protostream", "memory"]),
     ("graph", ["structure.__init__", "structure.graph", "structure.labels", "ops.*", "passes"]),
-    ("io and data", ["runtime", "modelio", "shapes", "input_roles", "data", "datasets.*", "losses",
-                     "batches"]),
+    ("io and data", ["runtime", "tracing", "modelio", "shapes", "input_roles", "data",
+                     "datasets.*", "losses", "batches"]),
     ("structure", ["structure.axes", "structure.blocks", "structure.cost",
                    "structure.discover"]),
     ("units", ["units", "units.*"]),
