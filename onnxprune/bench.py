@@ -43,10 +43,11 @@ from onnxprune.callable_module import make_callable
 from onnxprune.errors import OnnxpruneError
 from onnxprune.modelio import load_model
 from onnxprune.outputs import save_figure
-from onnxprune.runtime import ort_message, synthetic_feeds, trace
+from onnxprune.runtime import ort_message, synthetic_feeds
 from onnxprune.shapes import InputSpec, batch_shapes, input_specs
 from onnxprune.structure.cost import model_flops, model_params
 from onnxprune.structure.graph import GraphView
+from onnxprune.tracing import trace
 
 __all__ = ["PROVIDERS", "BenchRow", "bench", "measure", "resolve_provider", "rows_json"]
 

@@ -30,7 +30,8 @@ from onnxprune.data import CalibrationData, load_or_synthesise, static_batch
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import SAMPLE_LOSS, TOTAL_LOSS, LossSpec, choose_loss, target_feeds, with_loss
 from onnxprune.modelio import load_model
-from onnxprune.runtime import make_session, run, trace
+from onnxprune.runtime import make_session, run
+from onnxprune.tracing import trace
 from onnxprune.weightstore import tensor_array
 
 TRAINABLE = ("all", "norms", "blocks")

@@ -22,7 +22,7 @@ gate becomes [N, size] and a module gate [.., N, ..] where N is the gated tensor
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -30,11 +30,12 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.input_roles import input_roles
 from onnxprune.passes import DerivePass, inputs_lost, outputs_changed, unread_inputs
-from onnxprune.runtime import synthetic_feeds, trace
+from onnxprune.runtime import synthetic_feeds
 from onnxprune.shapes import doubled_batch_feeds, input_specs
 from onnxprune.structure.blocks import Block
 from onnxprune.structure.discover import Analysis
 from onnxprune.structure.graph import fresh_name
+from onnxprune.tracing import trace, values_of
 from onnxprune.units import BlockCut, GateSite, Plan, UnitKind, kinds_of, unit_kinds
 
 
@@ -122,7 +123,10 @@ class Gater:
         self.names = set(self.tensors)
         self.gates: list[Gate] = []
         self.aliases: dict[str, str] = {}
-        self.batch_trace = batch_trace(analysis) if per_sample else None
+        self.batch_feeds = batch_feeds(analysis) if per_sample else None
+        self.batch_trace = (trace(analysis.model, self.batch_feeds) if per_sample
+                            else None)
+        self.row_orders: dict[int, tuple[str, int]] = {}   # gate index -> (tensor, axis)
 
     def dtype_of(self, tensor: str) -> type:
         return np.asarray(self.analysis.trace[tensor]).dtype.type
@@ -138,14 +142,22 @@ class Gater:
             return None
         return grown[0] if grown[0] < len(one) - 1 else None
 
-    def batch_is_inner(self, tensor: str, axis: int) -> bool:
-        """Whether sample 0's rows are every other row (batch innermost, as in [T*B, D])
-        rather than the first half: the batch trace repeats the analysis input first."""
-        one = np.moveaxis(np.asarray(self.analysis.trace[tensor]), axis, 0)
-        two = np.moveaxis(np.asarray(self.batch_trace[tensor]), axis, 0)
-        if np.allclose(two[:len(one)], one, rtol=1e-4, atol=1e-6):
-            return False
-        return bool(np.allclose(two[0::2], one, rtol=1e-4, atol=1e-6))
+    def settle_row_orders(self) -> None:
+        """Set ``batch_inner`` of the per-sample gates: sample 0's rows are every other row
+        (batch innermost, as in [T*B, D]) rather than the first half when the batch run's
+        gated tensor repeats the analysis run's that way. One run of each reads every gated
+        tensor."""
+        if not self.row_orders:
+            return
+        names = sorted({tensor for tensor, _ in self.row_orders.values()})
+        single = values_of(self.analysis.model, names, analysis_feeds(self.analysis))
+        double = values_of(self.analysis.model, names, self.batch_feeds)
+        for index, (tensor, axis) in self.row_orders.items():
+            one = np.moveaxis(single[tensor], axis, 0)
+            two = np.moveaxis(double[tensor], axis, 0)
+            inner = (not np.allclose(two[:len(one)], one, rtol=1e-4, atol=1e-6)
+                     and bool(np.allclose(two[0::2], one, rtol=1e-4, atol=1e-6)))
+            self.gates[index] = replace(self.gates[index], batch_inner=inner)
 
     def add_input(self, block: str, kind: str, size: int, dtype: type, width: int = 0,
                   tensor: str | None = None, unit: UnitKind | None = None
@@ -164,13 +176,12 @@ class Gater:
         else:
             shape, batch_dim = (traced[axis], size), 0
         declared: list[int | str] = list(shape)
-        inner = False
         if batch_dim is not None:
             declared[batch_dim] = f"{name}_rows"
-            inner = self.batch_is_inner(tensor, axis)
+            self.row_orders[len(self.gates)] = (tensor, axis)
         var = gs.Variable(name, dtype=dtype, shape=declared)
         self.graph.inputs.append(var)
-        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim, inner, unit,
+        self.gates.append(Gate(name, block, kind, size, width, shape, batch_dim, False, unit,
                                np.dtype(dtype).type))
         return var, axis
 
@@ -261,27 +272,20 @@ class Gater:
             self.multiply(tensor, gate, "send_gated")
 
 
-def shapes_only(trace: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
-    """``trace`` with each float tensor of 64 KiB or more replaced by zeros of its shape
-    and dtype that take no memory (a broadcast scalar): once the gates are placed, the
-    batch trace is read for shapes and shape operands only, and at a doubled batch it
-    would otherwise hold twice the analysis trace for the whole scoring."""
-    if trace is None:
-        return None
-    return {name: np.broadcast_to(np.zeros((), value.dtype), value.shape)
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f"
-            and value.nbytes >= 1 << 16 else value
-            for name, value in trace.items()}
+def analysis_feeds(analysis: Analysis) -> dict[str, np.ndarray]:
+    """The inputs the analysis traced the model at (the trace holds them)."""
+    return {spec.name: np.asarray(analysis.trace[spec.name])
+            for spec in input_specs(analysis.model)}
 
 
-def batch_trace(analysis: Analysis) -> dict[str, np.ndarray]:
-    """A second trace with every dynamic leading input dim doubled (the analysis input
-    first, then a different one): comparing it with the analysis trace shows which axis of
+def batch_feeds(analysis: Analysis) -> dict[str, np.ndarray]:
+    """Inputs with every dynamic leading dim doubled (the analysis input first, then a
+    different one): a trace at these, compared with the analysis trace, shows which axis of
     each tensor carries the batch, and how its rows are ordered."""
     specs = input_specs(analysis.model)
     extra = synthetic_feeds(specs, analysis.structure.input_shapes, seed=1,
                             roles=input_roles(analysis.model))
-    return trace(analysis.model, doubled_batch_feeds(specs, analysis.trace, extra))
+    return doubled_batch_feeds(specs, analysis_feeds(analysis), extra)
 
 
 class GatePass(DerivePass):
@@ -315,13 +319,14 @@ class GatePass(DerivePass):
                     gater.unit(block, kind)
             if self.send and block.flow is not None:
                 gater.send(block)
+        gater.settle_row_orders()
         gater.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         gated = gs.export_onnx(gater.graph)
         gated.ir_version = model.ir_version
         del gated.opset_import[:]
         gated.opset_import.extend(model.opset_import)
         self.made = [g.input for g in gater.gates]
-        return GatedModel(gated, gater.gates, shapes_only(gater.batch_trace), gater.aliases)
+        return GatedModel(gated, gater.gates, gater.batch_trace, gater.aliases)
 
     def model_of(self, result: GatedModel) -> onnx.ModelProto:
         return result.model

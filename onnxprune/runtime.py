@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions: providers, synthetic feeds, full traces."""
+"""ONNX Runtime sessions: providers, synthetic feeds, runs (probes of intermediate tensors
+included)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from onnx import helper
 from onnxprune.errors import OnnxpruneError
 from onnxprune.input_roles import InputRole, synthesise
 from onnxprune.shapes import InputSpec, check_fits, input_specs
-from onnxprune.weightstore import session_weights, tensor_array
+from onnxprune.weightstore import session_weights
 
 # the signature lives in onnxprune.shapes; these names stay importable from here
 __all__ = ["InputSpec", "available_providers", "input_specs", "make_session", "ort_message",
-           "probe_model", "run", "synthetic_feeds", "trace"]
+           "probe_model", "run", "synthetic_feeds"]
 
 
 def synthetic_feeds(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -61,10 +62,11 @@ def make_session(model: onnx.ModelProto, *, optimize: bool = True, threads: int 
                  providers: list[str] | None = None, arena: bool = True
                  ) -> ort.InferenceSession:
     """An inference session over an in-memory model (via a temp file when over 2 GiB).
-    ``arena=False`` frees buffers back to the system after each run (lower peak memory for
-    the large gradient graphs, a little slower)."""
+    ``arena=False`` allocates each buffer on its own and frees it back to the system after
+    each run (lower peak memory for the large gradient graphs, a little slower)."""
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
+    opts.enable_mem_pattern = arena   # a pattern is one block for all of a run's buffers
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 4   # failures become one-line errors (run): no C++ log too
@@ -196,11 +198,7 @@ def with_outputs(model: onnx.ModelProto, outputs: Mapping[str, int]) -> onnx.Mod
 def probe_model(model: onnx.ModelProto, names: list[str] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the intermediate tensors ``names`` (all of them
     when None)."""
-    typed = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    elem_types = {vi.name: vi.type.tensor_type.elem_type
-                  for vi in [*typed.graph.value_info, *typed.graph.output, *typed.graph.input]}
-    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):
-        _contrib_types(model, elem_types)
+    elem_types = element_types(model)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -213,6 +211,18 @@ def probe_model(model: onnx.ModelProto, names: list[str] | None = None) -> onnx.
                     helper.make_tensor_value_info(name, elem_types[name], None))
                 existing.add(name)
     return probe
+
+
+def element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of each tensor that shape inference (with the contrib ops' own
+    inference where ONNX's has none) types, by name."""
+    typed = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    elem_types = {vi.name: vi.type.tensor_type.elem_type
+                  for vi in [*typed.graph.value_info, *typed.graph.output, *typed.graph.input]}
+    del typed
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):
+        _contrib_types(model, elem_types)
+    return elem_types
 
 
 def _contrib_types(model: onnx.ModelProto, elem_types: dict[str, int]) -> None:
@@ -260,19 +270,6 @@ def _contrib_types(model: onnx.ModelProto, elem_types: dict[str, int]) -> None:
         for vi in again.graph.value_info:
             if untyped(vi.name) and vi.type.tensor_type.elem_type:
                 elem_types[vi.name] = vi.type.tensor_type.elem_type
-
-
-def trace(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every intermediate tensor of one run, keyed by name (no graph optimisation).
-
-    The structure analysis reads concrete shapes and the values of shape tensors from it.
-    """
-    session = make_session(probe_model(model), optimize=False)
-    values = run(session, feeds)
-    values.update(feeds)
-    for init in model.graph.initializer:
-        values.setdefault(init.name, tensor_array(init))
-    return values
 
 
 def _first_line(exc: BaseException) -> str:

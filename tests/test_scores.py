@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 import onnxprune
+from onnxprune import tracing, weightstore
 from onnxprune.batches import LossBatches
 from onnxprune.data import CalibrationData
 from onnxprune.gates import gate_model
@@ -101,6 +102,26 @@ def test_per_sample_gates_at_one_reproduce_the_model(export_cache):
     got = run(make_session(gated.model, optimize=False), {"x": x, **gated.feeds(batch=len(x))})
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
+
+
+def test_per_sample_gates_of_a_stored_model_are_those_in_memory(export_cache, monkeypatch):
+    """A large model is traced in segments and its gated tensors read back in segments:
+    the gates, their batch axes and row orders (sequence-first: batch innermost) are the
+    same as in memory."""
+    model, analysis, _, _ = _setup(export_cache, "mha_sf")
+    want = gate_model(analysis, ALL_KINDS, per_sample=True, send=True).gates
+    assert any(g.batch_inner for g in want)
+    monkeypatch.setattr(weightstore, "TENSOR_MIN_BYTES", 1024)
+    monkeypatch.setattr(tracing, "TRACE_PART_BYTES", 4096)
+    monkeypatch.setattr(tracing, "SHAPE_ONLY_BYTES", 256)
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)
+    store = weightstore.offload(stored, min_total=0)
+    try:
+        got = gate_model(analyse(stored), ALL_KINDS, per_sample=True, send=True).gates
+    finally:
+        store.close()
+    assert got == want
 
 
 def test_ablation_equals_rerun_of_the_cut_model(export_cache):

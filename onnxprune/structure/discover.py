@@ -11,10 +11,11 @@ import onnx_graphsurgeon as gs
 
 from onnxprune.errors import OnnxpruneError
 from onnxprune.input_roles import input_roles
-from onnxprune.runtime import input_specs, synthetic_feeds, trace
+from onnxprune.runtime import input_specs, synthetic_feeds
 from onnxprune.structure.blocks import Structure, find_blocks
 from onnxprune.structure.cost import model_flops, model_params
 from onnxprune.structure.graph import GraphView, unique_node_names
+from onnxprune.tracing import trace
 
 
 @dataclass

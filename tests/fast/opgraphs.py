@@ -14,9 +14,9 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.runtime import trace
 from onnxprune.structure.axes import Flow, LabelPropagator, column_labels
 from onnxprune.structure.graph import GraphView
+from onnxprune.tracing import trace
 
 OPSET = 18
 BATCH, SEQ, HEADS, HEAD_DIM = 2, 3, 2, 4

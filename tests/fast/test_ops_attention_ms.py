@@ -26,10 +26,10 @@ import onnxprune
 import onnxprune.gates
 from onnxprune.errors import OnnxpruneError
 from onnxprune.ops import attention_ms, form_for, rule_for, skip_layernorm
-from onnxprune.runtime import trace
 from onnxprune.structure.cost import node_flops
 from onnxprune.structure.discover import analyse
 from onnxprune.structure.graph import GraphView
+from onnxprune.tracing import trace
 from onnxprune.units import unit_kind
 
 MS = "com.microsoft"

@@ -21,10 +21,10 @@ from opgraphs import (
 
 import onnxprune
 from onnxprune.ops import attention_ms, attention_onnx, form_for, rule_for
-from onnxprune.runtime import trace
 from onnxprune.structure.cost import node_flops
 from onnxprune.structure.discover import analyse
 from onnxprune.structure.graph import GraphView
+from onnxprune.tracing import trace
 
 
 def _attention_node(model) -> gs.Node:

@@ -24,10 +24,10 @@ from opgraphs import (
 
 import onnxprune
 from onnxprune.ops import contrib, elementwise, rule_for
-from onnxprune.runtime import trace
 from onnxprune.structure.cost import node_flops
 from onnxprune.structure.discover import analyse
 from onnxprune.structure.graph import GraphView
+from onnxprune.tracing import trace
 
 MS = "com.microsoft"
 HIDDEN = 6

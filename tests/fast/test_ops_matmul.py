@@ -24,10 +24,10 @@ from opgraphs import (
 
 import onnxprune
 from onnxprune.errors import NotPrunableError
-from onnxprune.runtime import trace
 from onnxprune.structure.cost import model_flops, node_flops
 from onnxprune.structure.discover import analyse
 from onnxprune.structure.graph import GraphView
+from onnxprune.tracing import trace
 
 
 def test_projection_with_constant_weight_is_a_sink():

@@ -25,8 +25,8 @@ from onnxprune.passes import (
     outputs_changed,
     unsorted_nodes,
 )
-from onnxprune.runtime import trace
 from onnxprune.seed_axis import SpeedUpSeedAxis
+from onnxprune.tracing import trace
 
 
 def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
