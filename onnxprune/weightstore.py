@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -207,10 +207,13 @@ def is_large(tensor: onnx.TensorProto, least: int | None = None) -> bool:
 
 
 def offload(model: onnx.ModelProto, min_total: int = STORE_MIN_BYTES,
-            folder: str | os.PathLike | None = None) -> WeightStore | None:
-    """Move ``model``'s large initializers into a new store (in place) when they hold
-    ``min_total`` bytes or more; the store, or None when the model stays as it is."""
-    large = [t for t in model.graph.initializer if is_large(t)]
+            folder: str | os.PathLike | None = None,
+            names: Container[str] | None = None) -> WeightStore | None:
+    """Move ``model``'s large initializers (or exactly those ``names`` gives) into a new
+    store (in place) when they hold ``min_total`` bytes or more; the store, or None when
+    the model stays as it is."""
+    large = [t for t in model.graph.initializer
+             if (is_large(t) if names is None else t.name in names)]
     total = sum(_nbytes(t) for t in large)
     if not large or total < min_total:
         return None

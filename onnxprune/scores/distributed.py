@@ -33,7 +33,7 @@ from onnxprune.errors import OnnxpruneError
 from onnxprune.scores.gradient import BatchSums, GradientPass, GradientStatistic, batch_sums
 from onnxprune.structure.discover import analyse
 from onnxprune.units import UnitKind, unit_kind
-from onnxprune.weightstore import materialised
+from onnxprune.weightstore import materialised, offload, store_of
 
 if TYPE_CHECKING:
     from onnxprune.losses import LossSpec
@@ -100,11 +100,13 @@ class RayCluster:
         offsets = np.cumsum([0] + [_size(inputs) for inputs, _ in batches])
         signs = [acc.signs(_size(inputs)) for inputs, _ in batches]   # in batch order
         model = ray.put(_model_bytes(analysis))
+        stored = [t.name for t in analysis.model.graph.initializer if store_of(t) is not None]
         task = ray.remote(num_cpus=cpus, max_retries=0, num_returns="streaming")(score_shard)
         shards = [s for s in np.array_split(np.arange(len(batches)), workers) if len(s)]
         streams = [task.remote(model, dict(analysis.structure.input_shapes), spec,
                                sorted(k.key for k in kinds), send, cpus, acc.sketch,
-                               [(*batches[i], signs[i], int(offsets[i])) for i in shard])
+                               [(*batches[i], signs[i], int(offsets[i])) for i in shard],
+                               stored)
                    for shard in shards]
         wanted = list(acc.gates)
         done = 0
@@ -133,12 +135,17 @@ class RayCluster:
 
 def score_shard(model: bytes, shapes: dict[str, tuple[int, ...]], spec: LossSpec,
                 kinds: list[str], send: bool, threads: int, sketch: bool,
-                shard: list[tuple[dict, dict, np.ndarray, int]]
+                shard: list[tuple[dict, dict, np.ndarray, int]], stored: Sequence[str] = ()
                 ) -> Iterator[list[str] | BatchSums | str]:
     """A Ray task (a streaming generator): the gate inputs, then one ``BatchSums`` per batch
     of the shard as it is scored, or the reason the model cannot be differentiated (the
-    driver falls back to forward-only scores)."""
-    analysis = analyse(onnx.load_from_string(model), shapes)
+    driver falls back to forward-only scores). The weights the driver held in a weight
+    store (``stored``) go into one of the worker's own, so that its sessions compute as
+    the driver's do, bit for bit."""
+    proto = onnx.load_from_string(model)
+    del model
+    store = offload(proto, 0, names=set(stored)) if stored else None
+    analysis = analyse(proto, shapes)
     grad = GradientPass(analysis, spec, {unit_kind(k) for k in kinds}, threads, send=send)
     yield [g.input for g in grad.gates]
     try:
@@ -147,6 +154,9 @@ def score_shard(model: bytes, shapes: dict[str, tuple[int, ...]], spec: LossSpec
             yield batch_sums(grads, signs, offset, sketch)
     except NoGradientError as exc:
         yield str(exc)
+    finally:
+        if store is not None:
+            store.close()
 
 
 def _model_bytes(analysis: Analysis) -> bytes:
