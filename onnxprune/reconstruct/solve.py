@@ -19,10 +19,13 @@ none: its fits use raw moments and ``b = 0``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -91,6 +94,7 @@ class Problem:
     b0: np.ndarray | None
     groups: np.ndarray | None
 
+    @cached_property
     def normal_equations(self) -> tuple[np.ndarray, np.ndarray]:
         """``XᵀX`` and ``XᵀY``, centred when the bias is re-fitted."""
         m = self.moments
@@ -111,40 +115,53 @@ def _compensate_bias(p: Problem) -> list[Fit]:
     return [] if p.b0 is None else [Fit("bias", p.w0, p.bias_for(p.w0))]
 
 
-def _scale(p: Problem) -> list[Fit]:
+def _scale(p: Problem) -> Iterator[Fit]:
     if p.groups is None:
-        return []
-    xx, xy = p.normal_equations()
-    return [Fit("scale", w, p.bias_for(w), lam) for w, lam in _scaled(xx, xy, p.w0, p.groups)]
+        return
+    xx, xy = p.normal_equations
+    for w, lam in _scaled(xx, xy, p.w0, p.groups):
+        yield Fit("scale", w, p.bias_for(w), lam)
 
 
-def _refit(p: Problem) -> list[Fit]:
-    xx, xy = p.normal_equations()
-    return [Fit("refit", w, p.bias_for(w), lam) for w, lam in _refitted(xx, xy, p.w0)]
+def _refit(p: Problem) -> Iterator[Fit]:
+    xx, xy = p.normal_equations
+    for w, lam in _refitted(xx, xy, p.w0):
+        yield Fit("refit", w, p.bias_for(w), lam)
 
 
 # method -> its fits (one per damping where it has one)
 FITS = {"none": _keep, "bias": _compensate_bias, "scale": _scale, "refit": _refit}
 
 
+def fits(problem: Problem, methods: tuple[str, ...]) -> Iterator[Fit]:
+    """Every fit of ``methods`` for ``problem``, made one at a time (each is a [K, D]
+    weight: a large block's ten at once would take more than the model)."""
+    for method in methods:
+        yield from FITS[method](problem)
+
+
 def candidates(problem: Problem, methods: tuple[str, ...]) -> list[Fit]:
     """Every fit of ``methods`` for ``problem``."""
-    return [fit for method in methods for fit in FITS[method](problem)]
+    return list(fits(problem, methods))
 
 
 def _scaled(xx: np.ndarray, xy: np.ndarray, w0: np.ndarray, groups: np.ndarray):
     """``W = diag(s[groups])·W0``: ``s`` solves ``(M + λI)s = r + λ`` with ``M`` the Gram
     matrix of the groups' contributions ``X_g·W0_g`` and ``r`` their products with Y."""
     ids, row_group = np.unique(groups, return_inverse=True)
-    onehot = np.zeros((len(groups), len(ids)))
-    onehot[np.arange(len(groups)), row_group] = 1.0
-    gram = onehot.T @ (xx * (w0 @ w0.T)) @ onehot
+    onehot = scipy.sparse.csr_matrix((np.ones(len(groups)), (np.arange(len(groups)),
+                                                              row_group)),
+                                     shape=(len(groups), len(ids)))
+    contributions = w0 @ w0.T
+    contributions *= xx
+    gram = np.asarray(onehot.T @ np.asarray(onehot.T @ contributions).T)
+    del contributions
     rhs = onehot.T @ np.einsum("ij,ij->i", xy, w0)
     scale = np.trace(gram) / len(ids) or 1.0
     for alpha in ALPHAS:
         lam = alpha * scale
-        s = _solve(gram + lam * np.eye(len(ids)), rhs + lam)
-        yield w0 * (onehot @ s)[:, None], lam
+        s = _solve(gram, lam, rhs + lam)
+        yield w0 * s[row_group][:, None], lam
 
 
 def _refitted(xx: np.ndarray, xy: np.ndarray, w0: np.ndarray):
@@ -152,18 +169,28 @@ def _refitted(xx: np.ndarray, xy: np.ndarray, w0: np.ndarray):
     scale = np.trace(xx) / len(xx) or 1.0
     for alpha in ALPHAS:
         lam = alpha * scale
-        yield _solve(xx + lam * np.eye(len(xx)), xy + lam * w0), lam
+        yield _solve(xx, lam, xy + lam * w0), lam
 
 
-def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _solve(a: np.ndarray, lam: float, b: np.ndarray) -> np.ndarray:
+    """``(a + λI)⁻¹·b`` (``a`` symmetric, left as it is)."""
+    damped = a.copy()
+    damped.flat[::len(a) + 1] += lam
     try:
-        return scipy.linalg.solve(a, b, assume_a="pos", check_finite=False)
+        return scipy.linalg.solve(damped, b, assume_a="pos", check_finite=False,
+                                  overwrite_a=True)
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
-        return scipy.linalg.lstsq(a, b, check_finite=False)[0]
+        damped = a.copy()
+        damped.flat[::len(a) + 1] += lam
+        return scipy.linalg.lstsq(damped, b, check_finite=False, overwrite_a=True)[0]
 
 
-def best(fits: list[Fit], held: Moments) -> tuple[Fit, float]:
-    """The fit with the least held-out error, and that error (ties: the first)."""
-    errors = [error(held, f) for f in fits]
-    i = int(np.argmin(errors))
-    return fits[i], errors[i]
+def best(fits: Iterable[Fit], held: Moments) -> tuple[Fit, float] | None:
+    """The fit with the least held-out error, and that error (ties: the first); None when
+    there is none."""
+    found = None
+    for fit in fits:
+        err = error(held, fit)
+        if found is None or err < found[1]:
+            found = (fit, err)
+    return found

@@ -27,7 +27,7 @@ from onnxprune.losses import LossSpec, numpy_sample_loss
 from onnxprune.reconstruct.outcome import MODES, BlockReconstruction, ReconstructionReport
 from onnxprune.reconstruct.segments import Segments
 from onnxprune.reconstruct.sites import OutputProjection, find_projections
-from onnxprune.reconstruct.solve import Fit, Moments, Problem, best, candidates, error
+from onnxprune.reconstruct.solve import Fit, Moments, Problem, best, candidates, error, fits
 from onnxprune.reconstruct.updates import apply_updates
 from onnxprune.runtime import make_session, run, with_outputs
 from onnxprune.structure.discover import Analysis
@@ -139,7 +139,7 @@ class _Fitter:
         self.first_held = len(batches) - held_out
         inits = {t.name: t for t in model.graph.initializer}
         names = [n for s in sites for n in (s.weight, s.bias) if n]
-        self.start = {n: np.array(tensor_array(inits[n])) for n in names}
+        self.start = {n: tensor_array(inits[n]) for n in names}   # read-only: replaced
         self.params = dict(self.start)
         fed = onnx.ModelProto()
         fed.CopyFrom(model)
@@ -162,12 +162,12 @@ class _Fitter:
         """Choose among ``methods``' fits on the held-out moments and apply the choice."""
         problem = Problem(fit_m, self._weight(site), self._bias(site), site.groups)
         keep = candidates(problem, ("none",))[0]
-        fits = candidates(problem, methods)
         record = BlockReconstruction(site.block, site.node, "none")
-        if not fits:
+        found = best(fits(problem, methods), held_m)
+        if found is None:
             record.reason = "no heads or channels known for scales"
-            fits = [keep]
-        chosen, err = best(fits, held_m)
+            found = keep, error(held_m, keep)
+        chosen, err = found
         variance = max(held_m.yy - float(held_m.sy @ held_m.sy) / max(held_m.n, 1), 1e-30)
         record.applied, record.damping = chosen.method, chosen.damping
         record.error_before = error(held_m, keep) / variance
