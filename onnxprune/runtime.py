@@ -16,6 +16,7 @@ from onnx import helper
 
 from onnxprune.errors import OnnxpruneError
 from onnxprune.input_roles import InputRole, synthesise
+from onnxprune.late_reads import read_late
 from onnxprune.shapes import InputSpec, check_fits, input_specs
 from onnxprune.weightstore import session_weights
 
@@ -103,8 +104,9 @@ def _share_weights(model: onnx.ModelProto, opts: ort.SessionOptions
     Float weights are shared initializers. Half-precision ones become graph inputs fed at
     every run (``run``): on the CPU, ONNX Runtime computes half-precision matmuls in float32
     and would keep a float32 copy of every constant half weight, twice the model, in each
-    session; fed, each is widened only while its node runs. Returns the model (a copy
-    when weights became inputs), the shared values and the fed ones."""
+    session; fed, each is widened only while its node runs (``late_reads``: not all at
+    the start). Returns the model (a copy when weights became inputs), the shared values
+    and the fed ones."""
     folder, views = session_weights(model)
     if not views:
         return model, [], {}
@@ -124,7 +126,7 @@ def _share_weights(model: onnx.ModelProto, opts: ort.SessionOptions
             opts.add_initializer(name, value)
     if half:
         model = _copy(model)
-        initializers_to_inputs(model, half)
+        read_late(model, initializers_to_inputs(model, half))
     return model, shared, fed
 
 

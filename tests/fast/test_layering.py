@@ -23,7 +23,8 @@ FAST = Path(__file__).resolve().parent
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["errors", "progress", "callable_module", "outputs", "schemas.*",
               "weightstore", "protostream", "memory"]),
-    ("graph", ["structure.__init__", "structure.graph", "structure.labels", "ops.*", "passes"]),
+    ("graph", ["structure.__init__", "structure.graph", "structure.labels", "ops.*", "passes",
+               "late_reads"]),
     ("io and data", ["runtime", "tracing", "modelio", "shapes", "input_roles", "data",
                      "datasets.*", "losses", "batches"]),
     ("structure", ["structure.axes", "structure.blocks", "structure.cost",
