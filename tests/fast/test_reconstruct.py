@@ -17,7 +17,7 @@ from onnxprune.data import load_or_synthesise
 from onnxprune.errors import OnnxpruneError, VerificationError
 from onnxprune.losses import choose_loss
 from onnxprune.reconstruct import apply_updates, block_outputs, check_updates
-from onnxprune.reconstruct.solve import Moments, Problem, candidates, error
+from onnxprune.reconstruct.solve import Moments, Problem, best, candidates, error, fits
 from onnxprune.runtime import make_session, with_outputs
 from onnxprune.runtime import run as own_run
 from onnxprune.structure.discover import analyse
@@ -88,6 +88,26 @@ def test_scale_is_one_factor_per_group_damped_towards_one():
         rhs = np.concatenate([yc.ravel(), root * np.ones(3)])
         s = np.linalg.lstsq(a, rhs, rcond=None)[0]
         np.testing.assert_allclose(fit.weight, w0 * s[groups][:, None], rtol=1e-7, atol=1e-9)
+
+
+def test_the_best_fit_is_judged_one_at_a_time_and_ties_keep_the_first():
+    x, y, w0, b0 = _data(5)
+    problem = Problem(_moments(x, y), w0, b0, np.array([1, 0, 1, 0, 2, 2]))
+    held = _moments(x[::2], y[::2])
+    made = []
+
+    def counted():
+        for fit in fits(problem, ("none", "scale", "refit", "none")):
+            made.append(fit)
+            yield fit
+
+    chosen, err = best(counted(), held)
+    errors = [error(held, f) for f in made]
+    assert len(made) == 12 and err == min(errors)
+    assert chosen is made[errors.index(min(errors))]
+    first, second = (candidates(problem, ("none",))[0] for _ in range(2))
+    assert best(iter([first, second]), held)[0] is first
+    assert best(iter([]), held) is None
 
 
 def test_bias_compensation_moves_the_mean_error_into_the_bias():
