@@ -149,15 +149,18 @@ def _scaled(xx: np.ndarray, xy: np.ndarray, w0: np.ndarray, groups: np.ndarray):
     """``W = diag(s[groups])·W0``: ``s`` solves ``(M + λI)s = r + λ`` with ``M`` the Gram
     matrix of the groups' contributions ``X_g·W0_g`` and ``r`` their products with Y."""
     ids, row_group = np.unique(groups, return_inverse=True)
-    onehot = scipy.sparse.csr_matrix((np.ones(len(groups)), (np.arange(len(groups)),
-                                                              row_group)),
-                                     shape=(len(groups), len(ids)))
-    contributions = w0 @ w0.T
-    contributions *= xx
-    gram = np.asarray(onehot.T @ np.asarray(onehot.T @ contributions).T)
-    del contributions
-    rhs = onehot.T @ np.einsum("ij,ij->i", xy, w0)
-    scale = np.trace(gram) / len(ids) or 1.0
+    gram = w0 @ w0.T
+    gram *= xx                          # the rows' contributions' Gram matrix
+    rhs = np.einsum("ij,ij->i", xy, w0)
+    if len(ids) < len(groups):          # summed over each group's rows (a sparse one-hot)
+        onehot = scipy.sparse.csr_matrix((np.ones(len(groups)), (np.arange(len(groups)),
+                                                                  row_group)),
+                                         shape=(len(groups), len(ids)))
+        gram = np.asarray(onehot.T @ np.asarray(onehot.T @ gram).T)
+        rhs = onehot.T @ rhs
+    else:                               # a group per row (FFN channels): solved row-wise
+        row_group = np.arange(len(groups))
+    scale = np.trace(gram) / len(gram) or 1.0
     for alpha in ALPHAS:
         lam = alpha * scale
         s = _solve(gram, lam, rhs + lam)

@@ -21,9 +21,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxprune import weightstore
 from onnxprune.batches import Feeds, LossBatches
 from onnxprune.errors import OnnxpruneError
 from onnxprune.losses import LossSpec, numpy_sample_loss
+from onnxprune.memory import release_memory
 from onnxprune.reconstruct.outcome import MODES, BlockReconstruction, ReconstructionReport
 from onnxprune.reconstruct.segments import Segments
 from onnxprune.reconstruct.sites import OutputProjection, find_projections
@@ -31,7 +33,7 @@ from onnxprune.reconstruct.solve import Fit, Moments, Problem, best, candidates,
 from onnxprune.reconstruct.updates import apply_updates
 from onnxprune.runtime import make_session, run, with_outputs
 from onnxprune.structure.discover import Analysis
-from onnxprune.weightstore import tensor_array
+from onnxprune.weightstore import model_store, tensor_array
 
 Progress = Callable[[str, int, int], None]
 
@@ -69,6 +71,7 @@ def reconstruct(original: Analysis, cut: Analysis, model: onnx.ModelProto, data:
         report.seconds = time.perf_counter() - start
         return model, report
     targets = _original_outputs(original.model, projections, data, threads)
+    release_memory()   # the original's weights: only the cut's are read from here on
     fitter = _Fitter(model, projections, data.spec, batches, targets, report.held_out, threads)
     report.blocks += _fit_blocks(fitter, projections, METHODS[mode], mode == "auto", progress)
     report.loss_before, report.loss_after = fitter.losses[0], fitter.losses[-1]
@@ -138,6 +141,7 @@ class _Fitter:
         self.targets = targets
         self.first_held = len(batches) - held_out
         inits = {t.name: t for t in model.graph.initializer}
+        self.store = model_store(model)
         names = [n for s in sites for n in (s.weight, s.bias) if n]
         self.start = {n: tensor_array(inits[n]) for n in names}   # read-only: replaced
         self.params = dict(self.start)
@@ -174,6 +178,14 @@ class _Fitter:
         record.error_after = err / variance
         record.updated = self._set(site, chosen)
         return record
+
+    def _held(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A new weight as the fitter keeps it: for a model in a weight store, a view of
+        the store (a large decoder's re-fitted projections would otherwise pile up in
+        memory until they are written)."""
+        if self.store is None or value.nbytes < weightstore.TENSOR_MIN_BYTES:
+            return value
+        return self.store.array(self.store.put_array(name, value))
 
     def revert_if_worse(self, record: BlockReconstruction, loss: float) -> bool:
         """Undo ``record``'s update when the held-out loss with it (``loss``) is above the
@@ -225,7 +237,8 @@ class _Fitter:
         changed = []
         if fit.method not in ("none", "bias"):
             w = fit.weight.T if site.transposed else fit.weight
-            self.params[site.weight] = w.astype(self.start[site.weight].dtype)
+            self.params[site.weight] = self._held(site.weight,
+                                                  w.astype(self.start[site.weight].dtype))
             changed.append(site.weight)
         if site.bias is not None and fit.method != "none":
             old = self.start[site.bias]

@@ -75,17 +75,21 @@ def test_refit_without_a_bias_keeps_none():
     assert not fit.bias.any()
 
 
-def test_scale_is_one_factor_per_group_damped_towards_one():
+@pytest.mark.parametrize("groups", [[0, 0, 1, 1, 2, 2], [4, 2, 5, 0, 1, 3]],
+                         ids=["heads", "a group a row"])
+def test_scale_is_one_factor_per_group_damped_towards_one(groups):
     """W = diag(s[groups])·W0: s from numpy's lstsq on the groups' contributions."""
     x, y, w0, b0 = _data(3)
-    groups = np.array([0, 0, 1, 1, 2, 2])
+    groups = np.array(groups)
+    count = len(set(groups))
     fits = candidates(Problem(_moments(x, y), w0, b0, groups), ("scale",))
     xc, yc = x - x.mean(0), y - y.mean(0)
-    columns = np.stack([(xc[:, groups == g] @ w0[groups == g]).ravel() for g in range(3)], 1)
+    columns = np.stack([(xc[:, groups == g] @ w0[groups == g]).ravel()
+                        for g in range(count)], 1)
     for fit in fits:
         root = np.sqrt(fit.damping)
-        a = np.vstack([columns, root * np.eye(3)])
-        rhs = np.concatenate([yc.ravel(), root * np.ones(3)])
+        a = np.vstack([columns, root * np.eye(count)])
+        rhs = np.concatenate([yc.ravel(), root * np.ones(count)])
         s = np.linalg.lstsq(a, rhs, rcond=None)[0]
         np.testing.assert_allclose(fit.weight, w0 * s[groups][:, None], rtol=1e-7, atol=1e-9)
 
