@@ -43,7 +43,7 @@ from onnxprune.structure.discover import Analysis, analyse
 from onnxprune.surgery import cut_verified
 from onnxprune.units import Plan, Unit, make_plan, parse_units, unit_kind
 from onnxprune.verify import Verification, check_tolerance
-from onnxprune.weightstore import materialised
+from onnxprune.weightstore import materialised, stores_closed_after
 
 # bench, evaluate, finetune and measure live in their stage modules; the CLI reaches them here
 __all__ = ["CutResult", "bench", "changed_weights", "cut", "evaluate", "finetune", "gate",
@@ -88,6 +88,13 @@ def cut(model: ModelLike, units: Iterable[str | Unit], shapes: Shapes = None,
     tolerance of the model's dtype, :func:`onnxprune.verify.tolerance`). ``stored``: see
     :func:`prune`."""
     check_tolerance(rtol, atol)
+    with stores_closed_after(keep=stored):   # the store of a file this call loads
+        return _cut(model, units, shapes, analysis, rtol, atol, stored)
+
+
+def _cut(model: ModelLike, units: Iterable[str | Unit], shapes: Shapes,
+         analysis: Analysis | None, rtol: float | None, atol: float | None, stored: bool
+         ) -> CutResult:
     analysis = analysis or inspect(model, shapes)
     chosen = list(units)
     if all(isinstance(u, Unit) for u in chosen):
@@ -135,15 +142,16 @@ def prune(model: ModelLike, ratio: float | None = None,
                         **options)
     opts.check()
     since = time.perf_counter()
-    model = _as_model(model)
-    stage_done(progress, "load", since)
-    opts.shapes = complete_shapes(input_specs(model), opts.shapes)
-    data = load_or_synthesise(model, calib, samples, opts.seed, opts.shapes)
-    if opts.target == "latency":   # --- latency target hook (issue 14.5) ---
-        pruned, report = prune_for_latency(model, data, opts, progress)
-    else:
-        pruned, report = run_prune(model, data, opts, progress)
-    return _returned(pruned, stored), report
+    with stores_closed_after(keep=stored):   # the store of a file this call loads
+        model = _as_model(model)
+        stage_done(progress, "load", since)
+        opts.shapes = complete_shapes(input_specs(model), opts.shapes)
+        data = load_or_synthesise(model, calib, samples, opts.seed, opts.shapes)
+        if opts.target == "latency":   # --- latency target hook (issue 14.5) ---
+            pruned, report = prune_for_latency(model, data, opts, progress)
+        else:
+            pruned, report = run_prune(model, data, opts, progress)
+        return _returned(pruned, stored), report
 
 
 def prune_while_finetuning(model: ModelLike, ratio: float,

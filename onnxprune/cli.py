@@ -45,6 +45,7 @@ from onnxprune.report import (
     write_json,
 )
 from onnxprune.scores import granularities, score_names
+from onnxprune.weightstore import stores_closed_after
 
 COMMANDS = ("inspect", "cut", "prune", "score", "finetune", "eval", "bench")
 EXIT_QUALITY_GATE = 3
@@ -107,12 +108,14 @@ def json_safe(value):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the command; with its JSON on stdout, every human line goes to stderr."""
-    if getattr(args, "json", None) != "-":
-        return args.func(args)
-    args.stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        return args.func(args)
+    """Run the command; with its JSON on stdout, every human line goes to stderr. The
+    weight stores it made are closed at its end (it has written what it writes)."""
+    with stores_closed_after():
+        if getattr(args, "json", None) != "-":
+            return args.func(args)
+        args.stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
 def json_flag_before_model(argv: list[str]) -> list[str]:
     """``--json`` as a flag before the model path of inspect, score and eval (``inspect
     --json m.onnx``, as it was used when their --json took no value) means stdout. Other

@@ -8,6 +8,7 @@ import ctypes
 import gc
 import os
 
+from onnxprune import weightstore
 from onnxprune.weightstore import live_stores, release_pages
 
 # a process holding less than this, with no weight store, is not worth the collection
@@ -16,12 +17,14 @@ _TRIM = None
 
 
 def release_memory() -> None:
-    """Free what the last stage left: for a run over a weight store, or a process past
-    ``RELEASE_ABOVE`` resident bytes, collect garbage cycles (graphsurgeon graphs are
-    cycles and may hold arrays) and return freed heap pages to the system (glibc keeps
-    them: ~4 GB after scoring on a BERT-base main job before); then drop the store's
-    pages. A no-op where there is no glibc or no /proc."""
-    if live_stores() or resident_bytes() > RELEASE_ABOVE:
+    """Free what the last stage left. For a run over a large model (its weight store
+    holds ``STORE_MIN_BYTES`` or more) or a process past ``RELEASE_ABOVE`` resident bytes:
+    collect garbage cycles (graphsurgeon graphs are cycles and may hold arrays) and return
+    freed heap pages to the system (glibc keeps them: ~4 GB after scoring on a BERT-base
+    main job before). Then drop the stores' pages. A no-op where there is no glibc or no
+    /proc."""
+    held = sum(store.size for store in live_stores())
+    if held >= weightstore.STORE_MIN_BYTES or resident_bytes() > RELEASE_ABOVE:
         gc.collect()
         _trim_heap()
     release_pages()

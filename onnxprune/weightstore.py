@@ -27,7 +27,8 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,22 @@ def _remove(location: str, folder: Path) -> None:
 
 def live_stores() -> list[WeightStore]:
     return list(_STORES.values())
+
+
+@contextmanager
+def stores_closed_after(keep: bool = False) -> Iterator[None]:
+    """Close the stores made inside the block when it ends (unless ``keep``): a command or
+    API call that loaded a large model owns its store, and a long-lived process (a
+    notebook, a test session) would otherwise keep each one, and its file, until exit."""
+    before = set(_STORES)
+    try:
+        yield
+    finally:
+        if not keep:
+            for location in set(_STORES) - before:
+                store = _STORES.get(location)
+                if store is not None:
+                    store.close()
 
 
 def release_pages() -> None:

@@ -260,3 +260,22 @@ def test_an_array_put_as_a_stub_reads_back_and_is_saved_like_a_put_tensor(tmp_pa
         assert weightstore.filled(stub).raw_data == weightstore.filled(put).raw_data
     finally:
         store.close()
+
+
+def test_a_command_or_call_closes_the_store_it_made(tmp_path, monkeypatch):
+    """A long-lived process (a notebook, this test session) keeps no store, and no file in
+    $TMPDIR, from a command or an API call that loaded a large model, unless the call
+    returns a model that still refers to it (``stored=True``)."""
+    import onnxprune
+
+    monkeypatch.setattr(modelio, "STORE_MIN_BYTES", 0)
+    before = set(weightstore.live_stores())
+    assert main(["cut", str(REFERENCE), str(tmp_path / "cut.onnx"), *CUT]) == 0
+    assert set(weightstore.live_stores()) == before
+    whole = onnxprune.cut(REFERENCE, CUT[1].split(",")).model
+    assert set(weightstore.live_stores()) == before
+    assert not any(weightstore.store_of(t) for t in whole.graph.initializer)
+    kept = onnxprune.cut(REFERENCE, CUT[1].split(","), stored=True).model
+    (store,) = set(weightstore.live_stores()) - before
+    assert weightstore.model_store(kept) is store
+    store.close()
