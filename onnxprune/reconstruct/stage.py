@@ -33,7 +33,7 @@ from onnxprune.reconstruct.solve import Fit, Moments, Problem, best, candidates,
 from onnxprune.reconstruct.updates import apply_updates
 from onnxprune.runtime import make_session, run, with_outputs
 from onnxprune.structure.discover import Analysis
-from onnxprune.weightstore import model_store, tensor_array
+from onnxprune.weightstore import model_store, release_pages, tensor_array
 
 Progress = Callable[[str, int, int], None]
 
@@ -92,6 +92,7 @@ def _fit_blocks(fitter: _Fitter, sites: list[OutputProjection], methods: tuple[s
         fit_m, held_m, loss = fitter.collect(i, site)
         if guard and records and fitter.revert_if_worse(records[-1], loss):
             fit_m, held_m, loss = fitter.collect(i, site)
+        release_pages()   # the passes read every later block's weights; the solve reads none
         fitter.losses.append(loss)
         records.append(fitter.fit(site, fit_m, held_m, methods))
         fitter.next_block()
